@@ -1,0 +1,103 @@
+"""`python -m apkernels`: environment report, then every op on every backend available here,
+checked against the reference (max error, kept indices) and timed."""
+import argparse
+import platform
+
+import torch
+import torch.utils.benchmark as benchmark
+
+import apkernels
+from apkernels import _backend, _extension
+
+
+def environment_report() -> list:
+    cfg = _extension.build_config()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        triton_version = f"unavailable ({exc.__class__.__name__})"
+    lines = [
+        f"apkernels {apkernels.__version__}  python {platform.python_version()}  {platform.machine()}",
+        f"torch {torch.__version__} (CUDA build {torch.version.cuda})  triton {triton_version}",
+        f"apkernels._C: {'loaded' if _extension._C is not None else f'NOT loaded ({_extension.LOAD_ERROR})'}"
+        + (f", built against torch {cfg.get('torch')}" if cfg else ""),
+        f"  CPU kernels : {', '.join(sorted(_extension.NATIVE['CPU'])) or 'none'}",
+        f"  CUDA kernels: {', '.join(sorted(_extension.NATIVE['CUDA'])) or 'none'}"
+        + (f"  (archs {cfg.get('cuda_archs')}, CUDA {cfg.get('cuda')})" if cfg.get("cuda") else ""),
+        f"  Triton ops  : {', '.join(sorted(_backend.TRITON_OPS)) or 'none'}"
+        + ("  (interpreter)" if _backend.triton_interpreter() else ""),
+    ]
+    if cfg and cfg.get("torch") != torch.__version__:
+        lines.append(f"  WARNING: _C was built against torch {cfg.get('torch')}, running {torch.__version__}: rebuild")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"device cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append(f"devices: cpu only ({torch.get_num_threads()} threads); CUDA rows are skipped")
+    return lines
+
+
+def demo_cases(device, batch):
+    """Paper-scale inputs for each op: (name, call(backend) -> outputs)."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    x = randn(batch, 768, 14, 14)
+    pos = randn(196, 768)
+    tokens = randn(batch, 161, 768)
+    qkv = randn(batch, 161, 3, 8, 96).permute(2, 0, 3, 1, 4)  # strided q/k views, as in the ViT
+    feat = randn(batch, 512, 7, 7)
+    z = randn(batch, 4, 512, 7, 7)
+    gh, gate = randn(batch, 4, 512), randn(batch, 4, 512)
+    return [
+        ("patch_pool", f"B={batch} 768x14x14 keep 160", lambda b: apkernels.patch_pool(x, 160, pos, backend=b)),
+        (
+            "token_pool",
+            f"B={batch} 161 tok 8x96 keep 144",
+            lambda b: apkernels.token_pool(tokens, qkv[0], qkv[1], 144, scale=96**-0.5, backend=b),
+        ),
+        ("dan_spatial_pool", f"B={batch} 512x7x7 M=4", lambda b: apkernels.dan_spatial_pool(feat, z, backend=b)),
+        ("dan_head_fusion", f"B={batch} M=4 C=512", lambda b: apkernels.dan_head_fusion(gh, gate, backend=b)),
+    ]
+
+
+def max_error(out, ref) -> str:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    parts = []
+    for o, r in zip(outs, refs):
+        if o.dtype == torch.long:
+            parts.append("index " + ("equal" if torch.equal(o.cpu(), r.cpu()) else "DIFFERENT"))
+        else:
+            parts.append(f"max err {(o.double() - r.double()).abs().max().item():.1e}")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv)
+    print("\n".join(environment_report()))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"\n{'op':<18}{'shape':<30}{'device':<7}{'backend':<10}{'median ms':>10}  check vs reference")
+    for device in devices:
+        for op, shape, call in demo_cases(device, args.batch):
+            ref = call("reference")
+            for backend in apkernels.available_backends(op, device):
+                if backend == "triton" and device == "cpu":
+                    print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{'-':>10}  skipped (interpreter: see tests)")
+                    continue
+                out = call(backend)
+                timer = benchmark.Timer("call(backend)", globals={"call": call, "backend": backend})
+                ms = timer.blocked_autorange(min_run_time=0.2).median * 1e3
+                check = "reference itself" if backend == "reference" else max_error(out, ref)
+                print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{ms:>10.3f}  {check}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Build apkernels and its compiled extension ``apkernels._C``.
+
+The extension is compiled against the torch that is *installed in the current environment*, so
+build without isolation: ``pip install --no-build-isolation .`` (or ``-e .``).
+
+Switches (environment variables, flash-attention style):
+  APKERNELS_CUDA=1 / 0   force / skip the CUDA kernels (default: build them when the installed
+                         torch is a CUDA build and nvcc is found, GPU or not)
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default: the visible GPU's, else "8.0;9.0")
+  MAX_JOBS               parallel compile jobs for ninja
+  CUDA_HOME              CUDA toolkit root (default: found from nvcc on PATH, wrapper scripts too)
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:  # pip's isolated build env: torch is deliberately not a build requirement
+    sys.exit(
+        "apkernels: cannot import torch in the build environment.\n"
+        "apkernels compiles against the torch you have installed; build it without isolation:\n"
+        "    pip install --no-build-isolation .        (or: pip install --no-build-isolation -e .)\n"
+        "after installing torch (pip install -r requirements.txt)."
+    )
+
+
+def _is_toolkit_root(path):
+    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and (
+        glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
+        or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
+    )
+
+
+def find_cuda_home():
+    """The toolkit root holding lib64/libcudart.so, also when nvcc on PATH is a wrapper script."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit_root(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        root = os.path.dirname(os.path.dirname(real))
+        if _is_toolkit_root(root):
+            return root
+        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            with open(real, "r", errors="ignore") as fh:
+                head = fh.read(4096)
+            for match in re.findall(r"(/[^\s'\"]+)/bin/nvcc", head):
+                if _is_toolkit_root(match):
+                    return match
+        except OSError:
+            pass
+    for root in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if _is_toolkit_root(root):
+            return root
+    return None
+
+
+def want_cuda(cuda_home):
+    flag = os.environ.get("APKERNELS_CUDA", "").strip()
+    if flag == "0":
+        return False
+    if torch.version.cuda is None or cuda_home is None:
+        if flag == "1":
+            sys.exit(
+                "apkernels: APKERNELS_CUDA=1 but "
+                + ("the installed torch is a CPU build" if torch.version.cuda is None else "nvcc was not found")
+            )
+        return False
+    return True
+
+
+CUDA_HOME = find_cuda_home()
+WITH_CUDA = want_cuda(CUDA_HOME)
+if WITH_CUDA:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def nvidia_wheel_includes():
+    """Headers shipped in the nvidia-* wheels a CUDA torch depends on (cusparse.h, cublas_v2.h...)."""
+    dirs = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = []
+    extra_link_args = ["-fopenmp"]
+    if WITH_CUDA:
+        cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+        define_macros.append(("APKERNELS_WITH_CUDA", None))
+        return CUDAExtension(
+            "apkernels._C",
+            cpp_sources + cu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_wheel_includes(),
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=extra_link_args,
+        )
+    return CppExtension(
+        "apkernels._C",
+        cpp_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=extra_link_args,
+    )
+
+
+def write_build_config():
+    """Record what _C was built with; `python -m apkernels` reports it and warns on a torch mismatch."""
+    config = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if WITH_CUDA else None,
+        "cuda_home": CUDA_HOME if WITH_CUDA else None,
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU") if WITH_CUDA else None,
+    }
+    with open(os.path.join(ROOT, "apkernels", "_build_config.json"), "w") as fh:
+        json.dump(config, fh, indent=1)
+
+
+write_build_config()
+
+setup(
+    name="apkernels",
+    version="0.1.0",
+    description="Fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels for PyTorch",
+    packages=find_packages(include=["apkernels", "apkernels.*"]),
+    package_data={"apkernels": ["_build_config.json"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    zip_safe=False,
+)

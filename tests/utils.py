@@ -1,0 +1,40 @@
+"""Shared test helpers: devices, backends, tolerances, exactly-summable inputs."""
+import pytest
+import torch
+
+import apkernels
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FAST_BACKENDS = ("cpu", "cuda", "triton")
+
+# (atol, rtol) for outputs compared with the fp32/fp64 reference.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def backend_params(op):
+    """pytest params (device, backend) for every fast backend that can run `op` here."""
+    params = []
+    for device in DEVICES:
+        for backend in apkernels.available_backends(op, device):
+            if backend in FAST_BACKENDS:
+                params.append(pytest.param(device, backend, id=f"{backend}-{device}"))
+    if not params:
+        params.append(pytest.param("cpu", None, marks=pytest.mark.skip(reason=f"no fast backend for {op} here")))
+    return params
+
+
+def dtypes_for(backend):
+    """dtypes each backend supports (fp64 only on the CPU kernels)."""
+    base = [torch.float32, torch.float16, torch.bfloat16]
+    return base + [torch.float64] if backend == "cpu" else base
+
+
+def small_ints(*shape, dtype=torch.float32, device="cpu", low=-4, high=5, generator=None):
+    """Integer-valued floats: their sums and products are exact in every dtype used here, so every
+    backend computes bit-identical scores and selections must match exactly (ties included)."""
+    return torch.randint(low, high, shape, generator=generator).to(device=device, dtype=dtype)
