@@ -100,7 +100,7 @@ def nvidia_wheel_includes():
 
 def extension():
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = []
     extra_link_args = ["-fopenmp"]
     if WITH_CUDA:
@@ -113,7 +113,7 @@ def extension():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=extra_link_args,
         )
