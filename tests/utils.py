@@ -38,3 +38,9 @@ def small_ints(*shape, dtype=torch.float32, device="cpu", low=-4, high=5, genera
     """Integer-valued floats: their sums and products are exact in every dtype used here, so every
     backend computes bit-identical scores and selections must match exactly (ties included)."""
     return torch.randint(low, high, shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def interpreted(device, backend) -> bool:
+    """True when `backend` runs in the Triton interpreter (CPU tensors): slow, so tests give it
+    small shapes only and leave the paper-scale grid to the compiled backends."""
+    return backend == "triton" and torch.device(device).type == "cpu"
