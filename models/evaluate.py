@@ -1,0 +1,80 @@
+"""Evaluate an APViT or DAN checkpoint (ours or an official release) on a FER dataset split.
+
+    python -m models.evaluate --model apvit --checkpoint APViT_RAF-3eeecf7d.pth \\
+        --dataset rafdb --data-root data/RAF-DB/basic --json results/apvit_raf.json
+
+Writes accuracy, balanced accuracy, per-class accuracy and the confusion matrix (rows = true class,
+columns = predicted, in the model's class order) to the JSON, and the confusion matrix as a PNG next
+to it (<json stem>_confusion.png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from torch.utils.data import DataLoader
+
+from . import data as fer_data
+from . import engine, recipes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=recipes.MODELS)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a models.train checkpoint or an official APViT / DAN release (format detected)")
+    p.add_argument("--dataset", required=True, choices=fer_data.DATASETS)
+    p.add_argument("--data-root", required=True, metavar="DIR")
+    p.add_argument("--split", default="test", help="default test (AffectNet: its val/ folder)")
+    p.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="output order of an official checkpoint, if not the release's (ours carry theirs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES))
+    p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
+    return p.parse_args(argv)
+
+
+def evaluate(args) -> dict:
+    device = engine.resolve_device(args.device)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    model = engine.load_for_inference(args.model, args.checkpoint, device, classes)
+    classes = list(model.classes)
+    dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
+                                     recipes.eval_transform(args.model, recipes.input_size(args.model, model)))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    cm, loss_sum, n = engine.run_evaluation(model, loader, device, len(classes), args.amp)
+    result = {
+        "model": args.model, "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset,
+        "data_root": os.path.abspath(args.data_root), "split": args.split, "loss": loss_sum / max(n, 1),
+        **engine.metrics_from_confusion(cm, classes),
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        png = os.path.splitext(args.json)[0] + "_confusion.png"
+        engine.plot_confusion(cm, classes, png, title=f"{args.model} on {args.dataset} {args.split}: "
+                                                      f"acc {result['accuracy']:.4f}")
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = evaluate(args)
+    print(f"{args.model} {os.path.basename(args.checkpoint)} on {args.dataset} {args.split} "
+          f"({result['num_samples']} images): accuracy {result['accuracy']:.4f}, "
+          f"balanced accuracy {result['balanced_accuracy']:.4f}", file=sys.stderr)
+    for name, acc in result["per_class_accuracy"].items():
+        print(f"  {name:>10}: " + ("-" if acc is None else f"{acc:.4f}") + f" ({result['support'][name]})",
+              file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

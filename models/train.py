@@ -1,0 +1,285 @@
+"""Train APViT or DAN for facial expression recognition.
+
+    python -m models.train --model dan --dataset rafdb --data-root data/RAF-DB/basic --out runs/dan_raf
+    torchrun --nproc_per_node 4 -m models.train --model apvit --dataset rafdb --data-root ... --out ...
+
+The defaults are the papers' recipes (SPEC 1.6, 2.5; `models/recipes.py`). Every epoch RUN_DIR gets a
+line in metrics.jsonl, loss.png / accuracy.png, and last.pt (written atomically); best.pt is the
+epoch with the best test accuracy. `--resume RUN_DIR/last.pt` continues the run exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from . import data as fer_data
+from . import engine, recipes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=recipes.MODELS)
+    p.add_argument("--dataset", required=True, choices=fer_data.DATASETS,
+                   help="rafdb: RAF-DB basic (EmoLabel/list_patition_label.txt, Image/aligned/); affectnet: "
+                        "DAN's layout (train/, val/ with folders 0..7); folder: <root>/{train,test}/<class>/*")
+    p.add_argument("--data-root", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, metrics, plots)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="7 or 8 for AffectNet (7 drops contempt; default 8); RAF-DB has 7; folder: the class folders")
+    p.add_argument("--recipe", default="paper", choices=("paper",),
+                   help="hyper-parameter defaults (the paper's official recipe; the options below override it)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (split across processes)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--sampler", default=None, choices=("shuffle", "repeat_factor", "balanced"))
+    p.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per local rank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES), help="autocast dtype (fp16 adds loss scaling)")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pt / best.pt of this tool")
+    p.add_argument("--pretrained", nargs="+", default=None, metavar="[NAME=]PATH",
+                   help="initial weights for the model's load_pretrained, NAME=PATH for a keyword (APViT: "
+                        "ir50=backbone_ir50_ms1m_epoch120.pth vit=vit_small_p16_224-15ec54c9.pth; DAN: "
+                        "resnet18_msceleb.pth); the paper recipes start from them")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help="extra keyword arguments of the model constructor, e.g. a smaller model for smoke tests")
+    p.add_argument("--eval-split", default="test", help="split evaluated after every epoch (AffectNet: val)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs of this invocation (the schedule still spans --epochs; resume later)")
+    args = p.parse_args(argv)
+    try:
+        args.model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        p.error(f"--model-kwargs: not JSON: {exc}")
+    if not isinstance(args.model_kwargs, dict):
+        p.error("--model-kwargs: expected a JSON object")
+    return args
+
+
+def resolve_classes(args) -> list[str]:
+    """The output order of the model to train (SPEC 1.5 / 2.5); image folders: the canonical order
+    when every folder is an emotion the default list has, else the folder names."""
+    if args.dataset == "rafdb":
+        return engine.model_classes(args.model, "rafdb", args.num_classes or 7)
+    if args.dataset == "affectnet":
+        return engine.model_classes(args.model, "affectnet", args.num_classes or 8)
+    names = fer_data.folder_class_names(args.data_root, "train")
+    if not names:
+        raise ValueError(f"data-root: no class folders in {os.path.join(args.data_root, 'train')}")
+    if args.num_classes is not None and args.num_classes != len(names):
+        raise ValueError(f"num-classes: {args.num_classes} given but {len(names)} class folders found: {names}")
+    canonical = [fer_data.canonical_class(n) for n in names]
+    if all(canonical):
+        default = engine.model_classes(args.model, None, len(names))
+        if sorted(canonical) == sorted(default):
+            return default
+        return sorted(canonical)
+    return names
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed every RNG from (seed, epoch, rank): an epoch's augmentation does not depend on what ran
+    before it, so a resumed run (and every DDP rank) replays exactly."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _save(path: str, step: engine.TrainStep, optimizer, scheduler, scaler, epoch: int, best_acc: float,
+          classes, args, recipe) -> None:
+    model_state = step.model.state_dict()
+    loss_state = {k: v for k, v in step.state_dict().items() if not k.startswith("model.")}
+    engine.atomic_save({
+        "format": engine.CHECKPOINT_FORMAT,
+        "version": engine.CHECKPOINT_VERSION,
+        "model": args.model,
+        "classes": list(classes),
+        "model_kwargs": dict(args.model_kwargs),
+        "state_dict": model_state,
+        "loss_state_dict": loss_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": engine.rng_state(),
+        "epoch": epoch,
+        "best_acc": best_acc,
+        "config": {
+            "model": args.model, "dataset": args.dataset, "data_root": os.path.abspath(args.data_root),
+            "num_classes": len(classes), "recipe": recipe.to_dict(), "seed": args.seed, "amp": args.amp,
+            "eval_split": args.eval_split,
+        },
+    }, path)
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def train(args, rank: int, world: int, device: torch.device) -> dict:
+    resume = engine.load_checkpoint_file(args.resume) if args.resume else None
+    if resume is not None:
+        if not engine.is_our_checkpoint(resume):
+            raise ValueError(f"resume: {args.resume} is not a models.train checkpoint")
+        cfg = resume["config"]
+        for key in ("model", "dataset"):
+            if getattr(args, key) != cfg[key]:
+                raise ValueError(f"{key}: the checkpoint was trained with {key} {cfg[key]!r}, got {getattr(args, key)!r}")
+        # An exact continuation needs the same recipe; only the epoch count may grow.
+        recipe = recipes.Recipe(**{**cfg["recipe"], "no_decay": tuple(cfg["recipe"]["no_decay"])})
+        if args.epochs is not None:
+            recipe.epochs = args.epochs
+        classes = list(resume["classes"])
+        args.model_kwargs = dict(resume.get("model_kwargs") or {})
+        args.seed, args.amp, args.eval_split = cfg["seed"], cfg["amp"], cfg.get("eval_split", args.eval_split)
+    else:
+        recipe = recipes.override(recipes.paper_recipe(args.model, args.dataset), epochs=args.epochs,
+                                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                                  sampler=args.sampler)
+        classes = resolve_classes(args)
+    if recipe.batch_size % world:
+        raise ValueError(f"batch-size: {recipe.batch_size} is not divisible by the {world} processes")
+    per_process_batch = recipe.batch_size // world
+
+    engine.seed_everything(args.seed)
+    model = engine.build_model(args.model, classes, args.model_kwargs)
+    size = recipes.input_size(args.model, model)
+    train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
+                                       recipes.train_transform(args.model, size))
+    test_set = fer_data.build_dataset(args.dataset, args.data_root, args.eval_split, classes,
+                                      recipes.eval_transform(args.model, size))
+    if args.pretrained and resume is None:
+        positional, named = engine.parse_pretrained(args.pretrained)
+        reports = model.load_pretrained(*positional, **named)
+        for report in reports if isinstance(reports, (list, tuple)) else [reports]:
+            if report is not None:
+                _log(rank, str(report))
+    step = engine.TrainStep(args.model, model).to(device)
+    optimizer = recipes.build_optimizer(recipe, step.named_parameters())
+    scheduler = recipes.build_scheduler(recipe, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, best_acc = 0, -1.0
+    if resume is not None:
+        step.load_state_dict({**{f"model.{k}": v for k, v in resume["state_dict"].items()},
+                              **resume["loss_state_dict"]})
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        engine.set_rng_state(resume["rng"])
+        start_epoch, best_acc = int(resume["epoch"]), float(resume["best_acc"])
+    trainer = step
+    if world > 1:
+        trainer = torch.nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = recipes.FERSampler(train_set, recipe.sampler, num_replicas=world, rank=rank, seed=args.seed,
+                                 repeat_thr=recipe.repeat_thr)
+    # BatchNorm cannot train on a batch of one sample: drop a last batch of exactly one.
+    drop_last = len(sampler) % per_process_batch == 1
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(train_set, batch_size=per_process_batch, sampler=sampler, drop_last=drop_last, **loader_kw)
+    test_shard = Subset(test_set, range(rank, len(test_set), world)) if world > 1 else test_set
+    test_loader = DataLoader(test_shard, batch_size=per_process_batch, shuffle=False, **loader_kw)
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    history = [h for h in engine.read_jsonl(metrics_path) if h["epoch"] <= start_epoch] if resume is not None else []
+    _log(rank, f"{args.model} on {args.dataset}: {len(train_set)} train / {len(test_set)} {args.eval_split} images, "
+               f"classes {classes}, {world} process(es) on {device}, epochs {start_epoch + 1}..{recipe.epochs}")
+
+    epochs_run = 0
+    for epoch in range(start_epoch, recipe.epochs):
+        if args.stop_after is not None and epochs_run >= args.stop_after:
+            break
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        _seed_epoch(args.seed, epoch, rank)
+        step.train()
+        lr = optimizer.param_groups[0]["lr"]
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, count, affinity, partition
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=rank != 0, leave=False)
+        for images, labels in bar:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with engine.autocast(device, args.amp):
+                logits, loss, parts = trainer(images, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} (lower --lr?)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(step.parameters(), recipe.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            n = labels.numel()
+            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n,
+                                  float(parts.get("affinity", 0.0)) * n, float(parts.get("partition", 0.0)) * n],
+                                 dtype=torch.float64)
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+        if world > 1:
+            sums = sums.to(engine._dist_device())
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+            for buf in step.buffers():  # evaluate (and save) rank 0's BatchNorm statistics everywhere
+                dist.broadcast(buf, 0)
+        scheduler.step()
+
+        cm, test_loss_sum, n_test = engine.run_evaluation(step.model, test_loader, device, len(classes), args.amp,
+                                                          desc="evaluate", show_progress=rank == 0)
+        metrics = engine.metrics_from_confusion(cm, classes)
+        record = {
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+            "test_loss": test_loss_sum / max(n_test, 1), "test_acc": metrics["accuracy"],
+            "test_balanced_acc": metrics["balanced_accuracy"], "time_s": round(time.time() - t0, 3),
+        }
+        if args.model == "dan":
+            record["train_affinity"] = float(sums[3] / sums[2])
+            record["train_partition"] = float(sums[4] / sums[2])
+        improved = record["test_acc"] > best_acc
+        best_acc = max(best_acc, record["test_acc"])
+        history.append(record)
+        if rank == 0:
+            engine.write_jsonl(metrics_path, history)
+            engine.plot_curves(history, args.out)
+            _save(os.path.join(args.out, "last.pt"), step, optimizer, scheduler, scaler, epoch + 1, best_acc,
+                  classes, args, recipe)
+            if improved:
+                _save(os.path.join(args.out, "best.pt"), step, optimizer, scheduler, scaler, epoch + 1, best_acc,
+                      classes, args, recipe)
+        _log(rank, f"epoch {epoch + 1}/{recipe.epochs}: train loss {record['train_loss']:.4f} "
+                   f"acc {record['train_acc']:.4f} | {args.eval_split} loss {record['test_loss']:.4f} "
+                   f"acc {record['test_acc']:.4f} bacc {record['test_balanced_acc']:.4f}"
+                   + (" (best)" if improved else ""))
+        epochs_run += 1
+        if world > 1:
+            dist.barrier()
+    return {"best_acc": best_acc, "history": history, "classes": classes}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = engine.resolve_device(args.device)
+    rank, world, device = engine.setup_distributed(device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        engine.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
