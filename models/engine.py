@@ -280,7 +280,7 @@ def is_our_checkpoint(obj) -> bool:
 
 
 def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
-                       classes: Sequence[str] | None = None) -> torch.nn.Module:
+                       classes: Sequence[str] | None = None, model_kwargs: dict | None = None) -> torch.nn.Module:
     """A model in eval mode from either a `models.train` checkpoint or an official release (APViT
     mmcv `{'state_dict', 'meta'}`, DAN `{'model_state_dict'}`), format detected from the contents.
 
@@ -321,7 +321,7 @@ def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
                 classes = model_classes(model_name, dataset, num_classes)
         if len(classes) != num_classes:
             raise ValueError(f"classes: {len(classes)} names given but the checkpoint has {num_classes} outputs")
-        model = build_model(model_name, classes)
+        model = build_model(model_name, classes, model_kwargs)
         model.load_official_state_dict(obj, strict=True)
     return model.to(device).eval()
 
@@ -330,43 +330,41 @@ def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
 # plots and logs
 # ---------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas, without importing pyplot (slow, and global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_curves(history: list[dict], out_dir: str) -> None:
-    """loss.png and accuracy.png from the metrics.jsonl records."""
-    plt = _pyplot()
+    """curves.png: loss (left) and accuracy (right) per epoch, from the metrics.jsonl records."""
     epochs = [h["epoch"] for h in history]
-    for name, keys, ylabel in (("loss", ("train_loss", "test_loss"), "loss"),
-                               ("accuracy", ("train_acc", "test_acc", "test_balanced_acc"), "accuracy")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(11, 4)
+    panels = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc", "test_balanced_acc")))
+    for ax, (ylabel, keys) in zip(fig.subplots(1, 2), panels):
         for key in keys:
             values = [h.get(key) for h in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
+            ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=100)
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str, title: str = "") -> None:
     """Row-normalised confusion matrix with the counts written in the cells."""
-    plt = _pyplot()
     cm = torch.as_tensor(cm, dtype=torch.float64)
     rows = cm.sum(dim=1, keepdim=True).clamp_min(1)
     norm = (cm / rows).numpy()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 1.0 + 0.7 * n))
+    fig = _figure(1.5 + 0.8 * n, 1.2 + 0.7 * n)
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -380,7 +378,6 @@ def plot_confusion(cm, classes: Sequence[str], path: str, title: str = "") -> No
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output order of an official checkpoint, if not the release's (ours carry theirs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help="constructor arguments for an official checkpoint's model (ours record theirs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES))
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args) -> dict:
     device = engine.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes)
+    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs))
     classes = list(model.classes)
     dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
                                      recipes.eval_transform(args.model, recipes.input_size(args.model, model)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -32,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a models.train checkpoint or an official APViT / DAN release (format detected)")
     p.add_argument("--classes", default=None, metavar="A,B,...",
                    help="output order of an official checkpoint, if not the release's (ours carry theirs)")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help="constructor arguments for an official checkpoint's model (ours record theirs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
@@ -78,7 +79,7 @@ def _overlay_name(index: int, path: str) -> str:
 def predict(args) -> list[dict]:
     device = engine.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes)
+    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs))
     classes = list(model.classes)
     size = recipes.input_size(args.model, model)
     paths = expand_inputs(args.inputs)
@@ -127,4 +128,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

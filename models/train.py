@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 4 -m models.train --model apvit --dataset rafdb --data-root ... --out ...
 
 The defaults are the papers' recipes (SPEC 1.6, 2.5; `models/recipes.py`). Every epoch RUN_DIR gets a
-line in metrics.jsonl, loss.png / accuracy.png, and last.pt (written atomically); best.pt is the
+line in metrics.jsonl, curves.png (loss and accuracy), and last.pt (written atomically); best.pt is the
 epoch with the best test accuracy. `--resume RUN_DIR/last.pt` continues the run exactly.
 """
 from __future__ import annotations
