@@ -234,6 +234,24 @@ def test_non_contiguous_input():
         torch.testing.assert_close(batched(x), official(x.contiguous()))
 
 
+def test_default_init_is_the_official_init_weights():
+    """CrossAttentionHead.init_weights: Conv kaiming_normal_(fan_out) per head, Linear N(0, 0.001),
+    biases 0, BatchNorm weight 1 / bias 0."""
+    torch.manual_seed(0)
+    module = MultiHeadCrossAttention()
+    expected_std = {"conv1x1": (2 / 256) ** 0.5, "conv_3x3": (2 / (512 * 9)) ** 0.5,
+                    "conv_1x3": (2 / (512 * 3)) ** 0.5, "conv_3x1": (2 / (512 * 3)) ** 0.5}
+    for name, std in expected_std.items():
+        conv = getattr(module, name)
+        assert abs(conv.weight.std().item() / std - 1) < 0.05, name
+        assert not conv.bias.any()
+    for w in (module.ca_weight1, module.ca_weight2):
+        assert abs(w.std().item() / 0.001 - 1) < 0.05
+    assert not module.ca_bias1.any() and not module.ca_bias2.any()
+    for bn in (module.bn1x1, module.bn_3x3, module.ca_bn):
+        assert (bn.weight == 1).all() and not bn.bias.any()
+
+
 # ---------------------------------------------------------------------------- official checkpoint keys
 def test_official_keys_match_the_released_checkpoint():
     fixture = [(k, tuple(s)) for k, s in json.loads(FIXTURE.read_text()) if k.startswith("cat_head")]
