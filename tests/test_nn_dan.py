@@ -326,6 +326,11 @@ def test_compile_fullgraph():
     grad = torch.autograd.grad(fused.sum(), x)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(want_fused.sum(), x)[0])
     torch.testing.assert_close(module.bn_3x3.running_var, eager.bn_3x3.running_var)
+    # The folded inference path traces as one graph too.
+    module.eval().fuse_for_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(module, fullgraph=True, backend="aot_eager")(x),
+                                   eager.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,message", [
