@@ -1,9 +1,10 @@
 """APViT and DAN on apkernels (SPEC 1, 2): ``from models import APViT, DAN, build_model``."""
 from .apvit import APViT, PoolingIndices
 from .classes import APVIT_RAFDB_CLASSES, DAN_RAFDB_CLASSES
+from .dan import DAN
 from .losses import AffinityLoss, PartitionLoss
 
-MODELS = {"apvit": APViT}
+MODELS = {"apvit": APViT, "dan": DAN}
 
 
 def build_model(name: str, num_classes: int = 7, **kwargs):
@@ -16,6 +17,7 @@ def build_model(name: str, num_classes: int = 7, **kwargs):
 
 __all__ = [
     "APViT",
+    "DAN",
     "PoolingIndices",
     "AffinityLoss",
     "PartitionLoss",

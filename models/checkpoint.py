@@ -92,15 +92,10 @@ class LoadReport:
             raise ValueError(f"{self}\n(pass strict=False to load what matches)")
 
 
-def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bool = True,
-                  allow_missing: Iterable[str] = (), ignored: Iterable[str] = ()) -> LoadReport:
-    """Copy the tensors of `state` into `module` by name (shapes must match).
-
-    With ``strict`` a ValueError lists every missing, unexpected or mis-shaped key and nothing is
-    copied; otherwise what matches is copied and the report says what did not. Module keys that
-    start with one of `allow_missing` may be absent without counting as missing (a partial
-    initialisation, e.g. the backbone only).
-    """
+def compare_state(module: torch.nn.Module, state: Mapping, what: str, allow_missing: Iterable[str] = (),
+                  ignored: Iterable[str] = ()) -> LoadReport:
+    """What loading `state` into `module` by name would do (nothing is copied). Module keys that
+    start with one of `allow_missing` may be absent without counting as missing."""
     own = module.state_dict()
     allow_missing = tuple(allow_missing)
     report = LoadReport(what=what, ignored=list(ignored))
@@ -112,9 +107,27 @@ def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bo
         else:
             report.loaded.append(key)
     report.missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
-    if strict:
-        report.raise_if_incomplete()
+    return report
+
+
+def copy_state(module: torch.nn.Module, state: Mapping, report: LoadReport) -> None:
+    """Copy the tensors `report` found loadable from `state` into `module`."""
+    own = module.state_dict()
     with torch.no_grad():
         for key in report.loaded:
             own[key].copy_(state[key])
+
+
+def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bool = True,
+                  allow_missing: Iterable[str] = (), ignored: Iterable[str] = ()) -> LoadReport:
+    """Copy the tensors of `state` into `module` by name (shapes must match).
+
+    With ``strict`` a ValueError lists every missing, unexpected or mis-shaped key and nothing is
+    copied; otherwise what matches is copied and the report says what did not (a partial
+    initialisation, e.g. the backbone only, passes `allow_missing` prefixes instead).
+    """
+    report = compare_state(module, state, what, allow_missing, ignored)
+    if strict:
+        report.raise_if_incomplete()
+    copy_state(module, state, report)
     return report
