@@ -40,8 +40,10 @@ def model_classes(model: str, dataset: str | None, num_classes: int) -> list[str
     return list(C.default_classes(model, num_classes))
 
 
-def build_model(name: str, classes: Sequence[str], model_kwargs: dict | None = None) -> torch.nn.Module:
-    """`models.build_model(name, num_classes, **model_kwargs)` labelled with `classes`."""
+def build_model(name: str, classes: Sequence[str], model_kwargs: dict | None = None,
+                input_size: int | None = None) -> torch.nn.Module:
+    """`models.build_model(name, num_classes, **model_kwargs)` labelled with `classes`. `input_size`
+    records the image side the workflows feed a model that does not fix its own (DAN)."""
     from . import MODELS
     from . import build_model as _build
 
@@ -51,6 +53,11 @@ def build_model(name: str, classes: Sequence[str], model_kwargs: dict | None = N
     model = _build(name, num_classes=len(classes), **kwargs)
     if list(getattr(model, "classes", [])) != list(classes):
         model.classes = tuple(classes)
+    if input_size is not None:
+        own = getattr(model, "input_size", None)
+        if own is not None and own != input_size:
+            raise ValueError(f"input-size: the {name} model is built for {own}, got {input_size}")
+        model.input_size = int(input_size)
     return model
 
 
@@ -280,13 +287,15 @@ def is_our_checkpoint(obj) -> bool:
 
 
 def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
-                       classes: Sequence[str] | None = None, model_kwargs: dict | None = None) -> torch.nn.Module:
+                       classes: Sequence[str] | None = None, model_kwargs: dict | None = None,
+                       input_size: int | None = None) -> torch.nn.Module:
     """A model in eval mode from either a `models.train` checkpoint or an official release (APViT
     mmcv `{'state_dict', 'meta'}`, DAN `{'model_state_dict'}`), format detected from the contents.
 
     The class list comes from our checkpoint, else `classes`, else the official file's
     `meta.CLASSES`, else the release's order (DAN: AffectNet order when the file has 8 outputs or its
-    name says affecnet/affectnet, RAF-DB order otherwise)."""
+    name says affecnet/affectnet, RAF-DB order otherwise). `model_kwargs` and `input_size` build an
+    official file's model (ours records its own)."""
     obj = load_checkpoint_file(checkpoint)
     if is_our_checkpoint(obj):
         if obj["model"] != model_name:
@@ -294,7 +303,7 @@ def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
         ckpt_classes = list(obj["classes"])
         if classes is not None and list(classes) != ckpt_classes:
             raise ValueError(f"classes: the checkpoint's classes are {ckpt_classes}, got {list(classes)}")
-        model = build_model(model_name, ckpt_classes, obj.get("model_kwargs"))
+        model = build_model(model_name, ckpt_classes, obj.get("model_kwargs"), obj.get("input_size"))
         missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint {checkpoint} does not fit the {model_name} model:\n"
@@ -321,7 +330,10 @@ def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
                 classes = model_classes(model_name, dataset, num_classes)
         if len(classes) != num_classes:
             raise ValueError(f"classes: {len(classes)} names given but the checkpoint has {num_classes} outputs")
-        model = build_model(model_name, classes, model_kwargs)
+        model_kwargs = dict(model_kwargs or {})
+        if input_size is not None and model_name == "apvit":
+            model_kwargs["input_size"] = input_size
+        model = build_model(model_name, classes, model_kwargs, input_size)
         model.load_official_state_dict(obj, strict=True)
     return model.to(device).eval()
 

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help="constructor arguments for an official checkpoint's model (ours record theirs)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                   help="image side for an official checkpoint's model (default the paper's; ours record theirs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES))
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
@@ -44,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args) -> dict:
     device = engine.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs))
+    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
+                                      args.input_size)
     classes = list(model.classes)
     dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
                                      recipes.eval_transform(args.model, recipes.input_size(args.model, model)))

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output order of an official checkpoint, if not the release's (ours carry theirs)")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help="constructor arguments for an official checkpoint's model (ours record theirs)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                   help="image side for an official checkpoint's model (default the paper's; ours record theirs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
@@ -79,7 +81,8 @@ def _overlay_name(index: int, path: str) -> str:
 def predict(args) -> list[dict]:
     device = engine.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs))
+    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
+                                      args.input_size)
     classes = list(model.classes)
     size = recipes.input_size(args.model, model)
     paths = expand_inputs(args.inputs)

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "resnet18_msceleb.pth); the paper recipes start from them")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help="extra keyword arguments of the model constructor, e.g. a smaller model for smoke tests")
+    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                   help="image side the model sees (default the paper's: APViT 112, DAN 224); smaller runs faster")
     p.add_argument("--eval-split", default="test", help="split evaluated after every epoch (AffectNet: val)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this invocation (the schedule still spans --epochs; resume later)")
@@ -108,6 +110,7 @@ def _save(path: str, step: engine.TrainStep, optimizer, scheduler, scaler, epoch
         "model": args.model,
         "classes": list(classes),
         "model_kwargs": dict(args.model_kwargs),
+        "input_size": recipes.input_size(args.model, step.model),
         "state_dict": model_state,
         "loss_state_dict": loss_state,
         "optimizer": optimizer.state_dict(),
@@ -150,12 +153,17 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
                                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                                   sampler=args.sampler)
         classes = resolve_classes(args)
+        if args.input_size is not None:
+            if args.model == "apvit":  # APViT's patch grid follows its input size
+                args.model_kwargs["input_size"] = args.input_size
+    if resume is not None:
+        args.input_size = resume.get("input_size")
     if recipe.batch_size % world:
         raise ValueError(f"batch-size: {recipe.batch_size} is not divisible by the {world} processes")
     per_process_batch = recipe.batch_size // world
 
     engine.seed_everything(args.seed)
-    model = engine.build_model(args.model, classes, args.model_kwargs)
+    model = engine.build_model(args.model, classes, args.model_kwargs, args.input_size)
     size = recipes.input_size(args.model, model)
     train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
                                        recipes.train_transform(args.model, size))

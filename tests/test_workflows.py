@@ -61,9 +61,20 @@ def raf_truth(root, split):
 
 
 def train_args(root, out, *extra, epochs=2, model="apvit", kwargs=TINY_APVIT):
+    if model == "dan":  # DAN has no size knobs: a smaller input keeps its ResNet-18 cheap
+        kwargs, extra = {}, ("--input-size", "32", *extra)
     return ["--model", model, "--dataset", "rafdb", "--data-root", str(root), "--out", str(out),
             "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01", "--workers", "0", "--device", "cpu",
             "--seed", "3", "--model-kwargs", json.dumps(kwargs), *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +318,38 @@ def test_official_apvit_checkpoint_is_detected(raf, apvit_run, tmp_path):
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["loss"] == pytest.approx(b["loss"])
     with pytest.raises(ValueError, match="holds a 'apvit' model"):
         evaluate.main([*common, "--checkpoint", str(out / "best.pt"), "--model", "dan"])
+
+
+def test_dan_train_official_checkpoint_and_attention(raf, tmp_path):
+    out = tmp_path / "dan"
+    result = train.main(train_args(raf, out, model="dan"))
+    history = result["history"]
+    assert result["classes"] == list(DAN_RAFDB_CLASSES)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    for h in history:  # the logged loss is CE + affinity + partition, all present
+        assert h["train_affinity"] > 0 and h["train_partition"] > 0 and h["train_loss"] > h["train_affinity"]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["classes"] == list(DAN_RAFDB_CLASSES) and ckpt["input_size"] == 32
+    assert ckpt["loss_state_dict"]["affinity.centers"].shape == (7, 512)
+    assert ckpt["config"]["recipe"]["schedule"] == "step" and ckpt["config"]["recipe"]["optimizer"] == "sgd"
+    n_model = sum(1 for k in ckpt["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert len(ckpt["optimizer"]["state"]) == n_model + 1  # the affinity centres are optimised too
+
+    model = engine.load_for_inference("dan", str(out / "last.pt"), torch.device("cpu"))
+    official = tmp_path / "rafdb_epoch1_official.pth"
+    torch.save({"iter": 1, "model_state_dict": model.official_state_dict()}, official)
+    common = ["--model", "dan", "--dataset", "rafdb", "--data-root", str(raf), "--device", "cpu", "--workers", "0"]
+    a = evaluate.main([*common, "--checkpoint", str(out / "last.pt")])
+    b = evaluate.main([*common, "--checkpoint", str(official), "--input-size", "32"])
+    assert a["classes"] == b["classes"] == list(DAN_RAFDB_CLASSES)
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+    images = [p for p, _ in raf_truth(raf, "test")][:2]
+    preds = predict.main(["--model", "dan", "--checkpoint", str(official), "--input-size", "32", "--device", "cpu",
+                          "--attention-out", str(tmp_path / "att"), *images])
+    assert [p["path"] for p in preds] == images and list(preds[0]["probabilities"]) == list(DAN_RAFDB_CLASSES)
+    overlays = sorted(os.listdir(tmp_path / "att"))
+    assert len(overlays) == 2 and Image.open(tmp_path / "att" / overlays[0]).size == (4 * 224, 224 + 16)
 
 
 @pytest.mark.skipif(os.environ.get("APKERNELS_SKIP_DDP") == "1", reason="APKERNELS_SKIP_DDP=1")
