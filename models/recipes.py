@@ -5,7 +5,7 @@ every field can be overridden from the command line.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -38,7 +38,6 @@ class Recipe:
     clip_grad_norm: float | None = None
     sampler: str = "shuffle"  # "shuffle" | "repeat_factor" | "balanced"
     repeat_thr: float = 0.15
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -320,9 +320,14 @@ def test_official_apvit_checkpoint_is_detected(raf, apvit_run, tmp_path):
         evaluate.main([*common, "--checkpoint", str(out / "best.pt"), "--model", "dan"])
 
 
-def test_dan_train_official_checkpoint_and_attention(raf, tmp_path):
+def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
+    import torchvision
+
+    resnet = tmp_path / "resnet18_msceleb.pth"
+    torch.save({"state_dict": torchvision.models.resnet18(num_classes=12).state_dict()}, resnet)
     out = tmp_path / "dan"
-    result = train.main(train_args(raf, out, model="dan"))
+    result = train.main(train_args(raf, out, "--pretrained", f"resnet18={resnet}", model="dan"))
+    assert "ResNet-18 (MS-Celeb-1M) -> features: 120 tensors loaded" in capsys.readouterr().err
     history = result["history"]
     assert result["classes"] == list(DAN_RAFDB_CLASSES)
     assert history[1]["train_loss"] < history[0]["train_loss"]
