@@ -354,6 +354,8 @@ def _figure(width: float, height: float):
 
 def plot_curves(history: list[dict], out_dir: str) -> None:
     """curves.png: loss (left) and accuracy (right) per epoch, from the metrics.jsonl records."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig = _figure(11, 4)
     panels = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc", "test_balanced_acc")))
@@ -361,6 +363,7 @@ def plot_curves(history: list[dict], out_dir: str) -> None:
         for key in keys:
             values = [h.get(key) for h in history]
             ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

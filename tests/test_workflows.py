@@ -370,6 +370,12 @@ def test_torchrun_two_process_gloo_smoke(raf, tmp_path):
     assert len(history) == 1 and "2 process(es)" in proc.stderr
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["state_dict"])
+    # The sharded evaluation, summed over the ranks, is the whole test split on rank 0's saved model.
+    single = evaluate.main(["--model", "apvit", "--checkpoint", str(out / "last.pt"), "--dataset", "rafdb",
+                            "--data-root", str(raf), "--device", "cpu", "--workers", "0"])
+    assert single["num_samples"] == 8
+    assert history[0]["test_acc"] == single["accuracy"]
+    assert history[0]["test_loss"] == pytest.approx(single["loss"], rel=1e-4)
 
 
 def test_help_of_each_tool(capsys):
