@@ -53,11 +53,11 @@ def build_model(name: str, classes: Sequence[str], model_kwargs: dict | None = N
     model = _build(name, num_classes=len(classes), **kwargs)
     if list(getattr(model, "classes", [])) != list(classes):
         model.classes = tuple(classes)
-    if input_size is not None:
-        own = getattr(model, "input_size", None)
-        if own is not None and own != input_size:
-            raise ValueError(f"input-size: the {name} model is built for {own}, got {input_size}")
-        model.input_size = int(input_size)
+    if input_size is not None and input_size != model.input_size:
+        if name in MODELS and "input_size" in inspect.signature(MODELS[name]).parameters:
+            # APViT's patch grid is fixed at construction: the size must come through model_kwargs.
+            raise ValueError(f"input-size: the {name} model is built for {model.input_size}, got {input_size}")
+        model.input_size = int(input_size)  # DAN is fully convolutional: any size runs
     return model
 
 

@@ -50,7 +50,7 @@ def evaluate(args) -> dict:
                                       args.input_size)
     classes = list(model.classes)
     dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
-                                     recipes.eval_transform(args.model, recipes.input_size(args.model, model)))
+                                     recipes.eval_transform(model))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     cm, loss_sum, n = engine.run_evaluation(model, loader, device, len(classes), args.amp)

@@ -84,9 +84,8 @@ def predict(args) -> list[dict]:
     model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
                                       args.input_size)
     classes = list(model.classes)
-    size = recipes.input_size(args.model, model)
     paths = expand_inputs(args.inputs)
-    loader = DataLoader(_Images(paths, recipes.eval_transform(args.model, size)), batch_size=args.batch_size,
+    loader = DataLoader(_Images(paths, recipes.eval_transform(model)), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.workers)
     if args.attention_out:
         os.makedirs(args.attention_out, exist_ok=True)

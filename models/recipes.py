@@ -13,16 +13,6 @@ from torchvision import transforms as T
 
 MODELS = ("apvit", "dan")
 
-# Input pipelines: size and normalisation on the 0-1 scale.
-INPUT_SIZE = {"apvit": 112, "dan": 224}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# APViT normalises on the 0-255 scale with (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
-APVIT_MEAN = tuple(m / 255.0 for m in (123.675, 116.28, 103.53))
-APVIT_STD = tuple(s / 255.0 for s in (58.395, 57.12, 57.375))
-NORMALISATION = {"apvit": (APVIT_MEAN, APVIT_STD), "dan": (IMAGENET_MEAN, IMAGENET_STD)}
-
-
 @dataclass
 class Recipe:
     epochs: int
@@ -70,18 +60,17 @@ def override(recipe: Recipe, **values) -> Recipe:
 # transforms
 # ---------------------------------------------------------------------------------------------
 
-def eval_transform(model: str, size: int | None = None) -> T.Compose:
-    """The test transform: resize to the input size, normalise. `models.predict` uses exactly this.
-    `size` defaults to the paper's input size (APViT 112, DAN 224)."""
-    size = size or INPUT_SIZE[model]
-    mean, std = NORMALISATION[model]
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(mean, std)])
+def eval_transform(model: torch.nn.Module) -> T.Compose:
+    """The test transform: resize to the model's input size, normalise with its statistics
+    (`model.input_size`, `model.image_mean`, `model.image_std`). `models.predict` uses exactly this."""
+    size = model.input_size
+    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(model.image_mean, model.image_std)])
 
 
-def train_transform(model: str, size: int | None = None) -> T.Compose:
-    size = size or INPUT_SIZE[model]
-    mean, std = NORMALISATION[model]
-    if model == "apvit":
+def train_transform(name: str, model: torch.nn.Module) -> T.Compose:
+    """The paper's training augmentation of model `name` at the model's input size."""
+    size, mean, std = model.input_size, model.image_mean, model.image_std
+    if name == "apvit":
         return T.Compose([
             T.RandomApply([T.RandomRotation(6)], p=0.5),
             T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(1.0, 1.0)),
@@ -92,7 +81,7 @@ def train_transform(model: str, size: int | None = None) -> T.Compose:
             T.Normalize(mean, std),
             T.RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value="random"),
         ])
-    if model == "dan":
+    if name == "dan":
         return T.Compose([
             T.Resize((size, size)),
             T.RandomHorizontalFlip(),
@@ -101,12 +90,7 @@ def train_transform(model: str, size: int | None = None) -> T.Compose:
             T.Normalize(mean, std),
             T.RandomErasing(scale=(0.02, 0.25)),
         ])
-    raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
-
-
-def input_size(model_name: str, model) -> int:
-    """The input size a built model expects (small test models may use another than the paper's)."""
-    return int(getattr(model, "input_size", None) or INPUT_SIZE[model_name])
+    raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def _save(path: str, step: engine.TrainStep, optimizer, scheduler, scaler, epoch
         "model": args.model,
         "classes": list(classes),
         "model_kwargs": dict(args.model_kwargs),
-        "input_size": recipes.input_size(args.model, step.model),
+        "input_size": int(step.model.input_size),
         "state_dict": model_state,
         "loss_state_dict": loss_state,
         "optimizer": optimizer.state_dict(),
@@ -164,11 +164,10 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
 
     engine.seed_everything(args.seed)
     model = engine.build_model(args.model, classes, args.model_kwargs, args.input_size)
-    size = recipes.input_size(args.model, model)
     train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
-                                       recipes.train_transform(args.model, size))
+                                       recipes.train_transform(args.model, model))
     test_set = fer_data.build_dataset(args.dataset, args.data_root, args.eval_split, classes,
-                                      recipes.eval_transform(args.model, size))
+                                      recipes.eval_transform(model))
     if args.pretrained and resume is None:
         positional, named = engine.parse_pretrained(args.pretrained)
         reports = model.load_pretrained(*positional, **named)
