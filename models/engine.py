@@ -116,6 +116,18 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def run_cli(main, prog: str) -> None:
+    """Run a tool's main(): a bad argument or a missing file ends with one readable line (exit 2)
+    instead of a traceback."""
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

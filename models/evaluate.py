@@ -82,4 +82,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main, "python -m models.evaluate")

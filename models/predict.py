@@ -130,4 +130,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main, "python -m models.predict")

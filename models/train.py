@@ -141,10 +141,13 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         for key in ("model", "dataset"):
             if getattr(args, key) != cfg[key]:
                 raise ValueError(f"{key}: the checkpoint was trained with {key} {cfg[key]!r}, got {getattr(args, key)!r}")
-        # An exact continuation needs the same recipe; only the epoch count may grow.
+        # An exact continuation needs the recipe the run started with (the schedule's length included).
         recipe = recipes.Recipe(**{**cfg["recipe"], "no_decay": tuple(cfg["recipe"]["no_decay"])})
-        if args.epochs is not None:
-            recipe.epochs = args.epochs
+        for key in ("epochs", "batch_size", "lr", "weight_decay", "sampler"):
+            given = getattr(args, key)
+            if given is not None and given != getattr(recipe, key):
+                raise ValueError(f"{key.replace('_', '-')}: the resumed run uses {getattr(recipe, key)!r}, got "
+                                 f"{given!r}; drop the option, or start a new run to change the recipe")
         classes = list(resume["classes"])
         args.model_kwargs = dict(resume.get("model_kwargs") or {})
         args.seed, args.amp, args.eval_split = cfg["seed"], cfg["amp"], cfg.get("eval_split", args.eval_split)
@@ -289,4 +292,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    engine.run_cli(main, "python -m models.train")

@@ -267,6 +267,8 @@ def test_interrupt_and_resume_continues_exactly(raf, apvit_run, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(raf, out, "--stop-after", "1"))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="lr: the resumed run uses 0.01"):
+        train.main(train_args(raf, out, "--resume", str(out / "last.pt"), "--lr", "0.1"))
     train.main(train_args(raf, out, "--resume", str(out / "last.pt")))
     ref = torch.load(reference_dir / "last.pt", map_location="cpu", weights_only=True)
     got = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
