@@ -103,6 +103,21 @@ def test_pooling_indices_describe_the_kept_positions(small_state):
     assert mask.flatten(1).gather(1, positions).all()
 
 
+def test_keeping_every_patch_is_the_identity(small_state):
+    torch.manual_seed(7)
+    model = APViT(**{**SMALL, "keep_patches": 16}).eval()
+    model.load_state_dict(small_state)
+    captured = {}
+    model.vit.blocks[0].register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        _, pooling = model(small_images(), return_pooling=True)
+        f = model.vit.projs[0](model.extractor(small_images()))
+    assert torch.equal(pooling.patch_index, torch.arange(16).expand(2, 16))
+    tokens = f.flatten(2).transpose(1, 2) + model.vit.patch_pos_embed
+    torch.testing.assert_close(captured["x"][:, 1:], tokens)
+    torch.testing.assert_close(captured["x"][:, 0], (model.vit.cls_token + model.vit.cls_pos_embed)[:, 0].expand(2, -1))
+
+
 # ---- paper configuration ---------------------------------------------------------------------
 def test_token_counts_through_the_blocks(paper_model):
     counts = []
