@@ -29,8 +29,7 @@ def _patch_pool_kernel(
     channels = tl.arange(0, BLOCK_C)
 
     # 1. scores over channels, fp32 accumulation
-    IS_MAX: tl.constexpr = SCORE >= 3
-    if IS_MAX:
+    if SCORE >= 3:
         score = tl.full([N_PAD], float("-inf"), tl.float32)
     else:
         score = tl.zeros([N_PAD], tl.float32)
@@ -52,7 +51,7 @@ def _patch_pool_kernel(
             v = tl.where(mask, v, float("-inf"))
             has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), 0))
             score = tl.maximum(score, tl.max(v, 0))
-    if IS_MAX:  # amax propagates NaN; tl.max / tl.maximum leave it unspecified
+    if SCORE >= 3:  # amax propagates NaN; tl.max / tl.maximum leave it unspecified
         score = tl.where(has_nan > 0, float("nan"), score)
 
     # 2. selection, kept positions in ascending order

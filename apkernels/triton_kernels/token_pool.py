@@ -59,7 +59,7 @@ def _token_pool_kernel(
     # 2. selection: CLS first, then the kept patch tokens in ascending order
     selected, slot = _common.select_topk(score, j, valid, K, N_PAD)
     out_row = (slot + 1).to(tl.int64)
-    tl.store(index_ptr + b * si_b, tl.zeros([], tl.int64))  # CLS
+    tl.store(index_ptr + b * si_b, b * 0)  # CLS (an int64 zero)
     tl.store(index_ptr + b * si_b + out_row * si_k, token, mask=selected)
 
     # 3. gather CLS + the kept tokens

@@ -1,0 +1,324 @@
+"""The Triton backend (`apkernels::<op>_triton`) against the reference, op by op.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), which is slow: shapes stay small and each case is one launch where it can be.
+With a GPU the same tests run on CUDA tensors.
+"""
+import pytest
+import torch
+from torch.library import opcheck
+
+import apkernels
+from apkernels import _backend, reference
+from tests.test_api import op_samples
+from tests.utils import TOL, small_ints
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPS = ("patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+pytestmark = pytest.mark.skipif(
+    not all(apkernels._backend.available(op, "triton", DEVICE) for op in OPS),
+    reason=f"Triton backend unavailable here ({_backend.TRITON_IMPORT_ERROR or 'no GPU and TRITON_INTERPRET unset'})",
+)
+
+
+def assert_identical(actual, expected):
+    """Bit-identical values, NaN included (torch.equal treats NaN as unequal)."""
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0, equal_nan=True)
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
+
+
+def test_every_op_registered():
+    assert set(OPS) <= _backend.TRITON_OPS
+    for name in ("pool_backward", "dan_spatial_pool_backward", "dan_head_fusion_backward", *OPS):
+        for key in ("CPU", "CUDA"):
+            assert apkernels._library.has_kernel(name + "_triton", key), (name, key)
+
+
+# --- patch_pool ---------------------------------------------------------------------------------
+
+
+def check_patch_pool(x, keep, pos, score):
+    tokens, index = apkernels.patch_pool(x, keep, pos, score=score, backend="triton")
+    ref_tokens, ref_index = reference.patch_pool(x, keep, pos, score)
+    assert torch.equal(index, ref_index), (index, ref_index)
+    assert_identical(tokens, ref_tokens)  # a gather (+ one rounded add): bit-identical
+    return tokens, index
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("score", reference.PATCH_SCORES)
+def test_patch_pool_scores_ties_dtypes(score, dtype):
+    # odd C, N = 15 (not a power of two), integer values: many exact ties, every score exact
+    x = small_ints(2, 5, 3, 5, dtype=dtype, device=DEVICE)
+    pos = torch.randn(15, 5, device=DEVICE).to(dtype)
+    check_patch_pool(x, 7, pos, score)
+
+
+@pytest.mark.parametrize(
+    "shape,keep,layout",
+    [
+        ((1, 3, 2, 3), 1, "contiguous"),  # B = 1, keep = 1
+        ((2, 4, 3, 3), 9, "contiguous"),  # keep = N: identity order
+        ((2, 3, 1, 1), 1, "contiguous"),  # H = W = 1
+        ((2, 6, 3, 4), 5, "channels_last"),
+        ((2, 6, 3, 4), 5, "sliced"),  # every stride non-trivial
+    ],
+)
+def test_patch_pool_shapes_and_layouts(shape, keep, layout):
+    B, C, H, W = shape
+    if layout == "sliced":
+        x = small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
+    else:
+        x = small_ints(*shape, device=DEVICE)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    pos = torch.randn(1, H * W, C, device=DEVICE)
+    check_patch_pool(x, keep, pos if keep > 1 else None, "sum_abs")
+
+
+@pytest.mark.parametrize("score", ["sum", "max"])
+def test_patch_pool_nan_inf_signed_zero(score):
+    x = small_ints(2, 3, 2, 4, device=DEVICE)
+    x[0, :, 0, 1] = 0.0
+    x[0, 1, 0, 2] = -0.0
+    x[0, :, 0, 2] = -0.0
+    x[0, 2, 1, 1] = float("nan")
+    x[0, 0, 1, 3] = float("inf")
+    x[1, 1, 0, 0] = float("-inf")
+    x[1, 2, 1, 2] = float("nan")
+    x[1, 0, 1, 0] = float("inf")
+    check_patch_pool(x, 5, None, score)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_patch_pool_gradients(dtype):
+    x = torch.randn(2, 5, 3, 3, device=DEVICE).to(dtype).requires_grad_()
+    pos = torch.randn(1, 9, 5, device=DEVICE).to(dtype).requires_grad_()
+    tokens, _ = apkernels.patch_pool(x, 4, pos, backend="triton")
+    ref_tokens, _ = reference.patch_pool(x, 4, pos, "sum_abs")
+    grad = torch.randn_like(tokens)
+    gx, gp = torch.autograd.grad(tokens, (x, pos), grad)
+    rx, rp = torch.autograd.grad(ref_tokens, (x, pos), grad)
+    assert torch.equal(gx, rx)  # a scatter: exact
+    assert_close(gp, rp, dtype)  # a batch sum
+
+
+def test_patch_pool_rejects_float64_and_cpu_without_interpreter(monkeypatch):
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="x must be one of float16, bfloat16, float32"):
+        torch.ops.apkernels.patch_pool_triton(x, 2, None, "sum")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        torch.ops.apkernels.patch_pool_triton(torch.randn(1, 2, 2, 2), 2, None, "sum")
+
+
+# --- token_pool ---------------------------------------------------------------------------------
+
+
+def qkv_views(B, N, heads, head_dim, dtype, low=-2, high=3):
+    """q, k as the attention block makes them: strided views of one [B, N, 3, heads, head_dim]."""
+    qkv = small_ints(B, N, 3, heads, head_dim, dtype=dtype, device=DEVICE, low=low, high=high)
+    qkv = qkv.permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1]
+
+
+def check_token_pool(x, q, k, keep, scale, score):
+    tokens, index = apkernels.token_pool(x, q, k, keep, scale=scale, score=score, backend="triton")
+    ref_tokens, ref_index = reference.token_pool(x, q, k, keep, scale, score)
+    assert torch.equal(index, ref_index), (index, ref_index)
+    assert_identical(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("score", reference.TOKEN_SCORES)
+def test_token_pool_scores_ties_dtypes(score, dtype):
+    q, k = qkv_views(2, 10, 3, 5, dtype)
+    x = torch.randn(2, 10, 15, device=DEVICE).to(dtype)
+    check_token_pool(x, q, k, 4, 0.5, score)
+
+
+@pytest.mark.parametrize(
+    "B,N,heads,head_dim,keep",
+    [(1, 2, 1, 1, 1), (2, 7, 2, 3, 6), (1, 18, 1, 4, 1)],  # N = 2; keep = N - 1; N - 1 = 17
+)
+def test_token_pool_shapes(B, N, heads, head_dim, keep):
+    q, k = qkv_views(B, N, heads, head_dim, torch.float32)
+    x = torch.randn(B, N, 2 * heads * head_dim + 1, device=DEVICE)[:, :, 1::2]  # strided x
+    check_token_pool(x, q, k, keep, head_dim**-0.5, "sum")
+
+
+def test_token_pool_x_dtype_differs_from_qk_and_contiguous_qk():
+    q, k = qkv_views(2, 9, 2, 4, torch.bfloat16)
+    x = torch.randn(2, 9, 8, device=DEVICE)
+    check_token_pool(x, q.contiguous(), k.contiguous(), 3, 0.25, "sum_abs")
+
+
+@pytest.mark.parametrize("score", ["sum", "max"])
+def test_token_pool_nan_inf(score):
+    q, k = qkv_views(2, 9, 2, 3, torch.float32)
+    q = q.clone()
+    k = k.clone()
+    q[:, :, 0] = q[:, :, 0].abs() + 1  # positive CLS query: inf keys give inf logits
+    k[0, 0, 3, 1] = float("nan")
+    k[0, 1, 5, :] = float("inf")
+    k[1, 1, 2, :] = float("-inf")
+    k[1, 0, 7, 0] = float("nan")
+    x = torch.randn(2, 9, 6, device=DEVICE)
+    check_token_pool(x, q, k, 4, 0.5, score)
+
+
+def test_token_pool_gradient():
+    q, k = qkv_views(2, 8, 2, 3, torch.float32)
+    x = torch.randn(2, 8, 6, device=DEVICE, requires_grad=True)
+    tokens, _ = apkernels.token_pool(x, q, k, 3, scale=0.5, backend="triton")
+    ref_tokens, _ = reference.token_pool(x, q, k, 3, 0.5, "sum")
+    grad = torch.randn_like(tokens)
+    (gx,) = torch.autograd.grad(tokens, x, grad)
+    (rx,) = torch.autograd.grad(ref_tokens, x, grad)
+    assert torch.equal(gx, rx)
+
+
+# --- pool_backward --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pool_backward_scatter_and_batch_sum(dtype):
+    B, K, C, rows = 3, 4, 5, 7
+    index = torch.stack([torch.randperm(rows)[:K].sort().values for _ in range(B)]).to(DEVICE)
+    # a non-contiguous gradient (the transpose of a [B, C, K] tensor)
+    grad_tokens = torch.randn(B, C, K, device=DEVICE).to(dtype).transpose(1, 2)
+    grad_rows, grad_sum = torch.ops.apkernels.pool_backward_triton(grad_tokens, index, rows, True)
+    ref_rows, ref_sum = reference.pool_backward(grad_tokens, index, rows, True)
+    assert torch.equal(grad_rows, ref_rows)
+    assert_close(grad_sum, ref_sum, dtype)
+    grad_rows, empty = torch.ops.apkernels.pool_backward_triton(grad_tokens.expand(B, K, C), index, rows, False)
+    assert torch.equal(grad_rows, ref_rows) and empty.numel() == 0
+
+
+# --- DAN ------------------------------------------------------------------------------------------
+
+
+def check_dan_spatial_pool(x, z, dtype):
+    x, z = x.requires_grad_(), z.requires_grad_()
+    g = apkernels.dan_spatial_pool(x, z, backend="triton")
+    ref_g = reference.dan_spatial_pool(x, z)
+    reduction = z.shape[2] * x.shape[1]  # error grows with the reduced extents
+    assert_close(g, ref_g, dtype, scale=reduction)
+    grad = torch.randn_like(g)
+    gx, gz = torch.autograd.grad(g, (x, z), grad)
+    rx, rz = reference.dan_spatial_pool_backward(grad, x.detach(), z.detach())
+    assert_close(gx, rx, dtype, scale=reduction)
+    assert_close(gz, rz, dtype, scale=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dan_spatial_pool_dtypes(dtype):
+    # odd C and C2, P = 15 (not a power of two)
+    x = torch.randn(2, 5, 3, 5, device=DEVICE).to(dtype)
+    z = torch.randn(2, 3, 7, 3, 5, device=DEVICE).to(dtype)
+    check_dan_spatial_pool(x, z, dtype)
+
+
+@pytest.mark.parametrize(
+    "B,M,C,C2,H,W,layout",
+    [
+        (1, 1, 1, 1, 1, 1, "contiguous"),  # one head, H = W = 1
+        (2, 4, 6, 5, 3, 3, "channels_last"),
+        (2, 2, 3, 4, 2, 3, "sliced"),
+    ],
+)
+def test_dan_spatial_pool_shapes_and_layouts(B, M, C, C2, H, W, layout):
+    if layout == "sliced":
+        x = torch.randn(B, 2 * C, H, W + 2, device=DEVICE)[:, ::2, :, 1:-1]
+        z = torch.randn(B, C2, M, H, W, device=DEVICE).transpose(1, 2)
+    else:
+        x, z = torch.randn(B, C, H, W, device=DEVICE), torch.randn(B, M, C2, H, W, device=DEVICE)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    check_dan_spatial_pool(x, z, torch.float32)
+
+
+def test_dan_spatial_pool_float64_and_nan():
+    x = torch.randn(2, 3, 2, 2, device=DEVICE, dtype=torch.float64)
+    z = torch.randn(2, 2, 3, 2, 2, device=DEVICE, dtype=torch.float64)
+    check_dan_spatial_pool(x.clone(), z.clone(), torch.float64)
+    z[0, 1, 2, 1, 0] = float("nan")  # relu(NaN) = NaN: one head's attention map, all its channels
+    g = apkernels.dan_spatial_pool(x, z, backend="triton")
+    torch.testing.assert_close(g, reference.dan_spatial_pool(x, z), equal_nan=True)
+    assert g[0, 1].isnan().all() and not g[0, 0].isnan().any()
+
+
+def check_dan_head_fusion(g, a, dtype):
+    g, a = g.requires_grad_(), a.requires_grad_()
+    fused, heads = apkernels.dan_head_fusion(g, a, backend="triton")
+    ref_fused, ref_heads = reference.dan_head_fusion(g, a)
+    M = g.shape[1]
+    assert_close(heads, ref_heads, dtype)
+    assert_close(fused, ref_fused, dtype, scale=M)
+    grad_fused, grad_heads = torch.randn_like(fused), torch.randn_like(heads)
+    dg, da = torch.autograd.grad((fused, heads), (g, a), (grad_fused, grad_heads))
+    rg, ra = torch.autograd.grad((ref_fused, ref_heads), (g, a), (grad_fused, grad_heads))
+    assert_close(dg, rg, dtype, scale=M)
+    assert_close(da, ra, dtype, scale=M)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 4])  # M = 1: no log-softmax
+def test_dan_head_fusion_dtypes(M, dtype):
+    g = torch.randn(2, M, 7, device=DEVICE).to(dtype)
+    a = torch.randn(2, M, 7, device=DEVICE).to(dtype)
+    check_dan_head_fusion(g, a, dtype)
+
+
+def test_dan_head_fusion_strided_and_float64():
+    g = torch.randn(3, 7, 3, device=DEVICE).transpose(1, 2)  # [B, M=3, C=7], non-contiguous
+    a = torch.randn(3, 3, 14, device=DEVICE)[:, :, ::2]
+    check_dan_head_fusion(g, a, torch.float32)
+    g64, a64 = torch.randn(2, 5, 3, device=DEVICE, dtype=torch.float64), torch.randn(2, 5, 3, device=DEVICE, dtype=torch.float64)
+    check_dan_head_fusion(g64, a64, torch.float64)
+
+
+# --- opcheck and compile --------------------------------------------------------------------------
+
+
+def on_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(DEVICE).requires_grad_(value.requires_grad)
+    return value
+
+
+@pytest.mark.parametrize("name,args", op_samples(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_triton_ops(name, args):
+    args = tuple(on_device(a) for a in args)
+    opcheck(getattr(torch.ops.apkernels, name + "_triton").default, args)
+
+
+def test_compile_fullgraph_triton_backend():
+    x, pos = small_ints(2, 8, 4, 4, device=DEVICE).requires_grad_(), torch.randn(16, 8, device=DEVICE, requires_grad=True)
+    xt = torch.randn(2, 9, 6, device=DEVICE, requires_grad=True)
+    q, k = qkv_views(2, 9, 2, 4, torch.float32)
+    xs, z = torch.randn(2, 6, 3, 3, device=DEVICE), torch.randn(2, 2, 4, 3, 3, device=DEVICE, requires_grad=True)
+
+    def f(backend):
+        t, _ = apkernels.patch_pool(x, 5, pos, backend=backend)
+        u, _ = apkernels.token_pool(xt, q, k, 4, scale=0.5, backend=backend)
+        g = apkernels.dan_spatial_pool(xs, z, backend=backend)
+        fused, _ = apkernels.dan_head_fusion(g, xs.mean((2, 3))[:, None].expand(-1, 2, -1), backend=backend)
+        return t.square().sum() + u.square().sum() + fused.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled("triton")
+    grads = torch.autograd.grad(out, (x, pos, xt, z))
+    ref = f("reference")
+    ref_grads = torch.autograd.grad(ref, (x, pos, xt, z))
+    torch.testing.assert_close(out, ref)
+    for actual, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(actual, expected)
