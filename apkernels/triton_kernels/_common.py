@@ -35,6 +35,12 @@ def block_for(extent: int, other_block: int) -> int:
     return max(1, min(next_pow2(extent), tile_elements() // max(other_block, 1)))
 
 
+def warps_for(n_pad: int) -> int:
+    """Warps for a program that holds (and sorts) an n_pad-long row: more for large maps so the
+    sort's registers per thread stay bounded."""
+    return min(16, max(4, n_pad // 256))
+
+
 def check_launch(op: str, **tensors) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors in the interpreter (TRITON_INTERPRET=1)."""
     for name, t in tensors.items():

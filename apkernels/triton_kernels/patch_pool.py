@@ -85,6 +85,7 @@ def patch_pool_triton(x, keep, pos, score):
         C, W, N, keep,
         *x.stride(), *(pos2d.stride()[:2] if pos is not None else (0, 0)), *out.stride(), *index.stride(),
         SCORE=SCORE_CODES[score], HAS_POS=pos is not None, N_PAD=n_pad, BLOCK_C=_common.block_for(C, n_pad),
+        num_warps=_common.warps_for(n_pad),
     )
     return out, index
 

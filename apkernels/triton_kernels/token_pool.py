@@ -92,6 +92,7 @@ def token_pool_triton(x, q, k, keep, scale, score):
         N, C, heads, head_dim, keep, float(scale),
         *x.stride(), sq_b, sq_h, sq_d, *k.stride(), *out.stride(), *index.stride(),
         SCORE=SCORE_CODES[score], N_PAD=n_pad, BLOCK_D=block_d, BLOCK_C=block_c,
+        num_warps=_common.warps_for(n_pad),
     )
     return out, index
 
