@@ -4,6 +4,11 @@ Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/co
 TRITON_INTERPRET=1), which is slow: shapes stay small and each case is one launch where it can be.
 With a GPU the same tests run on CUDA tensors.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -322,3 +327,62 @@ def test_compile_fullgraph_triton_backend():
     torch.testing.assert_close(out, ref)
     for actual, expected in zip(grads, ref_grads):
         torch.testing.assert_close(actual, expected)
+
+
+# --- the compiled path, without a GPU ---------------------------------------------------------------
+
+
+def compile_every_kernel_for_sm90():
+    """Compile each Triton kernel (bf16 I/O: the widest set of conversions) for an sm_90 GPU, down
+    to the cubin via the ptxas bundled with Triton. Needs no GPU, but runs without the interpreter:
+    it catches what the interpreter accepts and the compiler does not."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from apkernels.triton_kernels import dan_head_fusion, dan_spatial_pool, patch_pool, pool_backward, token_pool
+
+    def build(kernel, pointers, constexprs, floats=(), num_warps=4):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = "*" + pointers[name]
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    bf16, acc = "bf16", tl.float32
+    build(patch_pool._patch_pool_kernel, dict(x_ptr=bf16, pos_ptr=bf16, out_ptr=bf16, index_ptr="i64"),
+          dict(SCORE=3, HAS_POS=True, N_PAD=256, BLOCK_C=16))
+    build(token_pool._token_pool_kernel, dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64"),
+          dict(SCORE=2, N_PAD=256, BLOCK_D=16, BLOCK_C=16), floats=("scale",))
+    build(pool_backward._scatter_rows_kernel, dict(grad_ptr=bf16, index_ptr="i64", rows_ptr=bf16), dict(BLOCK_K=16, BLOCK_C=256))
+    build(pool_backward._batch_sum_kernel, dict(rows_ptr=bf16, sum_ptr=bf16), dict(ACC=acc, BLOCK=1024))
+    build(dan_spatial_pool._dan_spatial_pool_kernel, dict(x_ptr=bf16, z_ptr=bf16, g_ptr=bf16),
+          dict(ACC=acc, P_PAD=64, BLOCK_C=64, BLOCK_C2=64))
+    build(dan_spatial_pool._dan_backward_heads_kernel, dict(dg_ptr=bf16, x_ptr=bf16, z_ptr=bf16, dz_ptr=bf16, s_ptr="fp32"),
+          dict(ACC=acc, P_PAD=64, BLOCK_C=64, BLOCK_C2=64))
+    build(dan_spatial_pool._dan_backward_x_kernel, dict(dg_ptr="fp64", s_ptr="fp64", dx_ptr="fp64"),
+          dict(ACC=tl.float64, P_PAD=64, BLOCK_C=64))
+    build(dan_head_fusion._dan_head_fusion_kernel, dict(g_ptr=bf16, gate_ptr=bf16, fused_ptr=bf16, heads_ptr=bf16),
+          dict(LOG_SOFTMAX=True, ACC=acc, M_PAD=4, BLOCK_C=1024))
+    build(dan_head_fusion._dan_head_fusion_backward_kernel,
+          dict(dfused_ptr=bf16, dheads_ptr=bf16, g_ptr=bf16, gate_ptr=bf16, heads_ptr=bf16, dg_ptr=bf16, dgate_ptr=bf16),
+          dict(LOG_SOFTMAX=True, ACC=acc, M_PAD=4, BLOCK_C=1024))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test above runs the compiled kernels")
+def test_kernels_compile_for_gpu_without_one(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]), TRITON_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    compile_every_kernel_for_sm90()
