@@ -8,7 +8,7 @@ import importlib
 
 from .. import _backend
 
-MODULES = ("patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion")
+MODULES = ("pool_backward", "patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion")
 
 
 def _load() -> None:

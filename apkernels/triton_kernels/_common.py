@@ -1,0 +1,118 @@
+"""Helpers shared by the Triton kernels: launch checks, block sizes, registration and the top-k
+selection (one packed int64 key per position, sorted with `tl.sort`)."""
+import importlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend, _library
+
+# Elements per register tile: the interpreter runs one numpy op per tile op, so larger tiles are
+# much faster there; on a GPU 4096 fp32 keeps a tile in registers at 4 warps.
+TILE_ELEMENTS_GPU = 4096
+TILE_ELEMENTS_INTERPRETER = 1 << 16
+
+# Dtypes the Triton kernels take; float64 only where the kernel accumulates in the input dtype.
+HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def op_module(op: str):
+    """apkernels.ops.<op> (the module: the package's attribute of that name is the function)."""
+    return importlib.import_module(f"apkernels.ops.{op}")
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def tile_elements() -> int:
+    return TILE_ELEMENTS_INTERPRETER if _backend.triton_interpreter() else TILE_ELEMENTS_GPU
+
+
+def block_for(extent: int, other_block: int) -> int:
+    """Power-of-two block over `extent` so that block * other_block fits one tile (at least 1)."""
+    return max(1, min(next_pow2(extent), tile_elements() // max(other_block, 1)))
+
+
+def warps_for(n_pad: int) -> int:
+    """Warps for a program that holds (and sorts) an n_pad-long row: more for large maps so the
+    sort's registers per thread stay bounded."""
+    return min(16, max(4, n_pad // 256))
+
+
+def check_launch(op: str, **tensors) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors in the interpreter (TRITON_INTERPRET=1)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and _backend.triton_interpreter():
+            continue
+        raise RuntimeError(
+            f"{op}_triton: {name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set "
+            f"before importing apkernels), got a tensor on {t.device}"
+        )
+
+
+def check_dtype(op: str, name: str, t, dtypes) -> None:
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{op}_triton: {name} must be one of {names} for the Triton backend, got {t.dtype}")
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton accumulation dtype: fp32, or fp64 for fp64 inputs (as reference.accum_dtype)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def register(op: str, kernels: dict) -> None:
+    """Register {op name: launcher} as CPU and CUDA kernels of `apkernels::<name>_triton`, then
+    mark the forward op `op` as available on the Triton backend."""
+    for name, fn in kernels.items():
+        _library.register_kernel(name + _library.TRITON_SUFFIX, fn)
+    _backend.TRITON_OPS.add(op)
+
+
+# --- top-k selection ------------------------------------------------------------------------------
+
+
+@triton.jit
+def select_topk(scores, pos, valid, K, N_PAD: tl.constexpr):
+    """The `K` best of `scores` (fp32, [N_PAD], `valid` marks the real positions `pos`): returns
+    (selected mask, output slot of each selected position in ascending position order).
+
+    Order = torch.sort(descending=True, stable=True): larger score first, ties to the lower
+    position, NaN above +inf, -0.0 == 0.0. Each position gets one int64 key (monotone integer image
+    of its fp32 score << 32 | inverted position), all keys are distinct, so the K-th largest key is
+    a threshold that selects exactly K positions.
+    """
+    s = tl.where(scores == 0, 0.0, scores)  # -0.0 -> +0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-int order == float order
+    key = tl.where(s != s, 0x7FFFFFFF, key)  # every NaN (either sign) above +inf
+    key = tl.where(valid, key, -2147483648)  # padding below -inf: never selected
+    packed = (key.to(tl.int64) << 32) | (N_PAD - 1 - pos).to(tl.int64)
+    # Ascending sort of the complement = descending order of the keys (tl.sort's default order
+    # on every Triton version we support).
+    inverted = ~packed
+    ordered = tl.sort(inverted)
+    threshold = tl.sum(tl.where(tl.arange(0, N_PAD) == K - 1, ordered, 0), 0)
+    selected = inverted <= threshold
+    slot = tl.cumsum(selected.to(tl.int32), 0) - 1
+    return selected, slot
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32/fp64 `v` rounded to `dtype`, to nearest even. Done by hand for bfloat16 because the
+    interpreter's own fp32 -> bf16 cast truncates (the GPU's rounds to nearest even: same result)."""
+    if dtype == tl.bfloat16:
+        v = v.to(tl.float32)
+        bits = v.to(tl.int32, bitcast=True)
+        bits = tl.where(v != v, 0x7FC00000, bits)  # a quiet NaN must not round into inf
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
