@@ -21,10 +21,11 @@ from apkernels import _extension, reference  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 failures = []
+DEVICE = "cuda"  # --device cpu runs the same driver on the CPU kernels (a check of the driver itself)
 
 
 def ints(*shape, dtype, low=-4, high=5):
-    return torch.randint(low, high, shape, device="cuda").to(dtype)
+    return torch.randint(low, high, shape, device=DEVICE).to(dtype)
 
 
 def check(name, got, want, exact=False, tol=1e-5):
@@ -38,7 +39,7 @@ def check(name, got, want, exact=False, tol=1e-5):
 
 
 def native(op):
-    return op in _extension.NATIVE["CUDA"]
+    return op in _extension.NATIVE[DEVICE.upper()]
 
 
 def run_patch_pool(quick):
@@ -104,7 +105,7 @@ def run_pool_backward(quick):
     # Direct calls: non-contiguous grad_tokens (scalar path), a permutation index, B=1, K=0.
     for B, K, C, N in [(1, 1, 1, 1), (3, 5, 7, 9), (2, 0, 8, 4), (4, 10, 64, 10)] + ([] if quick else [(5, 100, 768, 196)]):
         for dtype in DTYPES:
-            index = torch.stack([torch.randperm(N, device="cuda")[:K].sort().values for _ in range(B)])
+            index = torch.stack([torch.randperm(N, device=DEVICE)[:K].sort().values for _ in range(B)])
             for contiguous in (True, False):
                 grad = ints(B, K, C, dtype=dtype) if contiguous else ints(B, C, K, dtype=dtype).transpose(1, 2)
                 for reduce in (False, True):
@@ -120,17 +121,17 @@ def run_dan(quick):
     for B, C, H, W, M, C2 in shapes:
         for dtype in DTYPES if not quick else (torch.float32,):
             tol = TOL[dtype] * 10
-            x, z = torch.randn(B, C, H, W, device="cuda", dtype=dtype), torch.randn(B, M, C2, H, W, device="cuda", dtype=dtype)
+            x, z = torch.randn(B, C, H, W, device=DEVICE, dtype=dtype), torch.randn(B, M, C2, H, W, device=DEVICE, dtype=dtype)
             tag = f"dan{(B, C, H, W, M, C2)} {dtype}"
             if native("dan_spatial_pool"):
                 check(tag + " spatial_pool", torch.ops.apkernels.dan_spatial_pool(x, z), reference.dan_spatial_pool(x, z), tol=tol)
             if native("dan_spatial_pool_backward"):
-                grad_g = torch.randn(B, M, C, device="cuda", dtype=dtype)
+                grad_g = torch.randn(B, M, C, device=DEVICE, dtype=dtype)
                 got = torch.ops.apkernels.dan_spatial_pool_backward(grad_g, x, z)
                 want = reference.dan_spatial_pool_backward(grad_g, x, z)
                 check(tag + " spatial_pool_backward x", got[0], want[0], tol=tol)
                 check(tag + " spatial_pool_backward z", got[1], want[1], tol=tol)
-            g, gate = torch.randn(B, M, C, device="cuda", dtype=dtype), torch.randn(B, M, C, device="cuda", dtype=dtype)
+            g, gate = torch.randn(B, M, C, device=DEVICE, dtype=dtype), torch.randn(B, M, C, device=DEVICE, dtype=dtype)
             if native("dan_head_fusion"):
                 got = torch.ops.apkernels.dan_head_fusion(g, gate)
                 want = reference.dan_head_fusion(g, gate)
@@ -138,7 +139,7 @@ def run_dan(quick):
                 check(tag + " head_fusion heads", got[1], want[1], tol=tol)
             if native("dan_head_fusion_backward"):
                 heads = reference.dan_head_fusion(g, gate)[1]
-                gf, gh = torch.randn(B, C, device="cuda", dtype=dtype), torch.randn(B, M, C, device="cuda", dtype=dtype)
+                gf, gh = torch.randn(B, C, device=DEVICE, dtype=dtype), torch.randn(B, M, C, device=DEVICE, dtype=dtype)
                 got = torch.ops.apkernels.dan_head_fusion_backward(gf, gh, g, gate, heads)
                 want = reference.dan_head_fusion_backward(gf, gh, g, gate, heads)
                 check(tag + " head_fusion_backward g", got[0], want[0], tol=tol)
@@ -148,12 +149,15 @@ def run_dan(quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes (for racecheck)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("sanitize_kernels: no CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    print("native CUDA kernels:", sorted(_extension.NATIVE["CUDA"]), flush=True)
+    print(f"native {DEVICE} kernels:", sorted(_extension.NATIVE[DEVICE.upper()]), flush=True)
     runs = {
         "patch_pool": run_patch_pool,
         "token_pool": run_token_pool,
@@ -161,12 +165,13 @@ def main():
         "dan": run_dan,
     }
     for name, fn in runs.items():
-        if name == "dan" or native(name):
+        if name == "dan" or native(name) or DEVICE == "cpu":
             print(f"-- {name}", flush=True)
             fn(args.quick)
         else:
             print(f"-- {name}: no compiled CUDA kernel, skipped", flush=True)
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     print(f"sanitize_kernels: {len(failures)} mismatches", flush=True)
     return 1 if failures else 0
 
