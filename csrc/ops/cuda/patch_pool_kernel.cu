@@ -332,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
     const scalar_t* g = grad_tokens.const_data_ptr<scalar_t>();
     const int64_t gsB = grad_tokens.stride(0), gsK = grad_tokens.stride(1), gsC = grad_tokens.stride(2);
     constexpr int64_t pack = Pack<scalar_t>::kSize;
-    const bool vec = C % pack == 0 && (C == 1 ? true : gsC == 1) && vec_aligned<scalar_t>(g, gsB) && gsK % pack == 0;
+    const bool vec = C % pack == 0 && gsC == 1 && vec_aligned<scalar_t>(g, gsB) && gsK % pack == 0;
     const int64_t units = N * (vec ? C / pack : C);
     const int threads = 256;
     const int64_t blocks = (units + threads - 1) / threads;

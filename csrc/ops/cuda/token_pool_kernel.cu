@@ -54,6 +54,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j = i + 1;
       const QK* kj = k + b * a.ksB + j * a.ksN;
       float s = score_init<float>(a.kind);
+      // Unrolled so that the loads of several heads are in flight before their shuffles.
+#pragma unroll 4
       for (int64_t h = 0; h < a.heads; ++h) {
         const QK* qh = qb + h * a.qsH;
         const QK* kh = kj + h * a.ksH;
