@@ -1,0 +1,355 @@
+// CUDA kernels of apkernels::patch_pool (APViT attentive patch pooling, SPEC 1.2) and of
+// apkernels::pool_backward (the backward of patch_pool and token_pool: a row scatter).
+//
+// patch_pool: ONE launch, one block per image. The block scores the N = H*W positions of x
+// [B, C, H, W] (channel reduction in fp32), selects the top `keep` in shared memory
+// (select_topk_block), writes the kept positions ascending, and gathers (x as tokens + pos) into
+// tokens [B, keep, C]. x is read through its strides (NCHW, channels_last, slices), never copied.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "ops/common.h"
+#include "ops/cuda/pool_common.cuh"
+
+namespace apkernels::cuda {
+namespace {
+
+// Positions (and kept rows) per block are ints; keys embed positions in 32 bits.
+constexpr int64_t kMaxPositions = int64_t(1) << 30;
+
+// Transpose tiles of the NCHW gather: each warp stages 32 kept rows x 16 channels in fp32. The
+// row stride 34 makes both phases bank-conflict free (loads: lanes on consecutive floats; stores:
+// lanes 0-15 hit even banks, 16-31 odd banks).
+constexpr int kTileRows = 32;
+constexpr int kTileChannels = 16;
+constexpr int kTileStride = 34;
+constexpr size_t kTileBytes = size_t(kWarps) * kTileChannels * kTileStride * sizeof(float);
+
+struct PatchArgs {
+  int64_t C, W, N;
+  int64_t sB, sC, sH, sW;  // x strides (elements)
+  int64_t pos_sN, pos_sC;  // pos strides over (position, channel)
+  int keep;
+  ScoreKind kind;
+  bool channels_contiguous;  // sC == 1: a position's channels are one contiguous row
+  bool vec_x;                // ... and x rows can be read as 16-byte packs
+  bool vec_rows;             // the row gather (x, pos, out) can move 16-byte packs
+};
+
+// Offset of position p (row-major over H, W) inside one image of x.
+__device__ __forceinline__ int64_t spatial_offset(const PatchArgs& a, int64_t p) {
+  return (p / a.W) * a.sH + (p % a.W) * a.sW;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    patch_pool_kernel(const T* __restrict__ x, const T* __restrict__ pos, const PatchArgs a, uint64_t* keys_global,
+                      T* __restrict__ out, int64_t* index) {
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  __shared__ SelectShared sh;
+  __shared__ float partial[kThreads];
+
+  const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+  const int64_t b = blockIdx.x;
+  const int n = static_cast<int>(a.N);
+  const T* xb = x + b * a.sB;
+  int64_t* idx = index + b * a.keep;
+  uint64_t* keys = keys_global != nullptr ? keys_global + b * a.N : reinterpret_cast<uint64_t*>(dyn_smem);
+
+  // 1. Scores -> keys (skipped when everything is kept).
+  if (a.keep < n) {
+    if (a.channels_contiguous) {
+      // One warp per position, lanes over its contiguous channels.
+      for (int p = warp; p < n; p += kWarps) {
+        const T* row = xb + spatial_offset(a, p);
+        float acc = score_init<float>(a.kind);
+        if (a.vec_x) {
+          using P = Pack<T>;
+          const int64_t packs = a.C / P::kSize;
+          for (int64_t v = lane; v < packs; v += 32) {
+            const P pk = reinterpret_cast<const P*>(row)[v];
+#pragma unroll
+            for (int e = 0; e < P::kSize; ++e) acc = score_step(a.kind, acc, static_cast<float>(pk.v[e]));
+          }
+        } else {
+          for (int64_t c = lane; c < a.C; c += 32) acc = score_step(a.kind, acc, static_cast<float>(row[c]));
+        }
+        acc = warp_merge(a.kind, acc);
+        if (lane == 0) keys[p] = select_key64(acc, static_cast<uint32_t>(p));
+      }
+    } else {
+      // One thread per position (consecutive threads read consecutive positions of a channel
+      // plane), `groups` threads per position splitting the channels when N < kThreads; the
+      // partial scores are merged in group order (deterministic).
+      const int per_round = min(kThreads, (n + 31) / 32 * 32);
+      const int groups = kThreads / per_round;
+      const int g = tid / per_round, local = tid % per_round;
+      for (int p0 = 0; p0 < n; p0 += per_round) {
+        const int p = p0 + local;
+        if (g < groups && p < n) {
+          const T* col = xb + spatial_offset(a, p);
+          float acc = score_init<float>(a.kind);
+#pragma unroll 4
+          for (int64_t c = g; c < a.C; c += groups) acc = score_step(a.kind, acc, static_cast<float>(col[c * a.sC]));
+          partial[tid] = acc;
+        }
+        __syncthreads();
+        if (tid < per_round && p < n) {  // g == 0, local == tid
+          float s = partial[tid];
+          for (int gg = 1; gg < groups; ++gg) s = score_merge(a.kind, s, partial[gg * per_round + tid]);
+          keys[p] = select_key64(s, static_cast<uint32_t>(p));
+        }
+        __syncthreads();
+      }
+    }
+    __syncthreads();
+  }
+
+  // 2. Top `keep`, positions ascending -> index[b].
+  select_topk_block(keys, n, a.keep, idx, 0, sh);
+
+  // 3. Gather tokens[b, j, :] = x[b, :, idx[j]] (+ pos[idx[j], :]).
+  T* outb = out + b * a.keep * a.C;
+  if (a.channels_contiguous) {
+    for (int j = warp; j < a.keep; j += kWarps) {
+      const int64_t p = idx[j];
+      copy_row_warp(outb + j * a.C, xb + spatial_offset(a, p), int64_t(1), pos != nullptr ? pos + p * a.pos_sN : nullptr,
+                    a.pos_sC, a.C, a.vec_rows);
+    }
+    return;
+  }
+  // NCHW-like: a kept position's channels are a plane apart. Each warp transposes 32 rows x 16
+  // channels through shared memory (the keys' bytes, free after the selection's last barrier):
+  // reads run along positions, writes along channels.
+  float* tile = reinterpret_cast<float*>(dyn_smem) + warp * (kTileChannels * kTileStride);
+  const int64_t tiles_c = (a.C + kTileChannels - 1) / kTileChannels;
+  const int64_t tiles = (a.keep + kTileRows - 1) / kTileRows * tiles_c;
+  for (int64_t t = warp; t < tiles; t += kWarps) {  // warp-uniform: shuffles below see all lanes
+    const int64_t j0 = (t / tiles_c) * kTileRows, c0 = (t % tiles_c) * kTileChannels;
+    const int64_t j = j0 + lane;
+    const bool row_ok = j < a.keep;
+    const int64_t p = row_ok ? idx[j] : 0;
+    const T* col = xb + spatial_offset(a, p);
+#pragma unroll
+    for (int c = 0; c < kTileChannels; ++c) {
+      tile[c * kTileStride + lane] =
+          (row_ok && c0 + c < a.C) ? static_cast<float>(col[(c0 + c) * a.sC]) : 0.0f;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < kTileRows / 2; ++it) {
+      const int r = it * 2 + (lane >> 4), cc = lane & 15;
+      const int64_t pr = __shfl_sync(kFullMask, p, r);
+      const int64_t jr = j0 + r, c = c0 + cc;
+      if (jr < a.keep && c < a.C) {
+        float v = tile[cc * kTileStride + r];
+        if (pos != nullptr) v += static_cast<float>(pos[pr * a.pos_sN + c * a.pos_sC]);
+        outb[jr * a.C + c] = static_cast<T>(v);
+      }
+    }
+    __syncwarp();  // the tile is refilled next iteration
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t keep,
+                                                   const std::optional<at::Tensor>& pos_in, c10::string_view score) {
+  check_cuda_float("patch_pool", "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 4, "patch_pool: x must be 4-D [B, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, "patch_pool: x must not be empty (B, C, H, W >= 1), got shape ", x.sizes());
+  const ScoreKind kind = parse_patch_score(std::string(score));
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = H * W;
+  TORCH_CHECK_VALUE(N <= kMaxPositions, "patch_pool: the CUDA kernel takes at most 2^30 positions H*W, got ", N);
+  TORCH_CHECK_VALUE(B <= INT32_MAX, "patch_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
+  TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
+                    "] (1 to the number of positions H*W), got ", keep);
+  at::Tensor pos;
+  if (pos_in.has_value() && pos_in->defined()) {
+    const at::Tensor& p = *pos_in;
+    TORCH_CHECK_VALUE((p.dim() == 2 && p.size(0) == N && p.size(1) == C) ||
+                          (p.dim() == 3 && p.size(0) == 1 && p.size(1) == N && p.size(2) == C),
+                      "patch_pool: pos must have shape [", N, ", ", C, "] or [1, ", N, ", ", C, "] (H*W, C), got ",
+                      p.sizes());
+    TORCH_CHECK_VALUE(p.device() == x.device(), "patch_pool: pos must be on the same device as x (", x.device(),
+                      "), got ", p.device());
+    TORCH_CHECK_VALUE(p.scalar_type() == x.scalar_type(), "patch_pool: pos must have the same dtype as x (",
+                      x.scalar_type(), "), got ", p.scalar_type());
+    pos = p.dim() == 3 ? p.select(0, 0) : p;  // a view: read through its strides
+  }
+
+  c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor tokens = at::empty({B, keep, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor index = at::empty({B, keep}, x.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+
+  PatchArgs a;
+  a.C = C;
+  a.W = W;
+  a.N = N;
+  a.sB = x.stride(0);
+  a.sC = x.stride(1);
+  a.sH = x.stride(2);
+  a.sW = x.stride(3);
+  a.pos_sN = pos.defined() ? pos.stride(0) : 0;
+  a.pos_sC = pos.defined() ? pos.stride(1) : 0;
+  a.keep = static_cast<int>(keep);
+  a.kind = kind;
+  a.channels_contiguous = a.sC == 1 || C == 1;
+  if (C == 1) a.sC = 1;
+
+  APK_DISPATCH_CUDA_FLOATS(x.scalar_type(), "patch_pool_cuda", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* pos_ptr = pos.defined() ? pos.const_data_ptr<scalar_t>() : nullptr;
+    constexpr int64_t pack = Pack<scalar_t>::kSize;
+    // Packs need every row start 16-byte aligned: base pointers aligned, strides and C multiples of a pack.
+    a.vec_x = a.channels_contiguous && C % pack == 0 && vec_aligned<scalar_t>(x_ptr, a.sB) && a.sH % pack == 0 &&
+              a.sW % pack == 0;
+    a.vec_rows = a.vec_x && (pos_ptr == nullptr || (a.pos_sC == 1 && vec_aligned<scalar_t>(pos_ptr, a.pos_sN)));
+
+    auto kernel = patch_pool_kernel<scalar_t>;
+    bool keys_in_smem = true;
+    const int64_t n_keys = keep < N ? N : 0;
+    const size_t smem = plan_dynamic_smem(kernel, n_keys, a.channels_contiguous ? 0 : kTileBytes, &keys_in_smem);
+    at::Tensor workspace;
+    if (!keys_in_smem) workspace = at::empty({B, N}, x.options().dtype(at::kLong));
+    uint64_t* keys_global = keys_in_smem ? nullptr : reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
+    kernel<<<static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        x_ptr, pos_ptr, a, keys_global, tokens.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {tokens, index};
+}
+
+// ---- pool_backward ---------------------------------------------------------------------------
+
+// inv[b, n] = the j with index[b, j] == n, or -1. One block per image; with repeated positions
+// the largest j wins (atomicMax: deterministic, and what a sequential scatter_ leaves).
+__global__ void __launch_bounds__(256) inverse_index_kernel(const int64_t* __restrict__ index, int64_t isB,
+                                                            int64_t isK, int64_t K, int64_t N, int* __restrict__ inv) {
+  int* invb = inv + static_cast<int64_t>(blockIdx.x) * N;
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) invb[r] = -1;
+  __syncthreads();
+  const int64_t* ib = index + static_cast<int64_t>(blockIdx.x) * isB;
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+    const int64_t p = ib[j * isK];
+    CUDA_KERNEL_ASSERT(p >= 0 && p < N && "pool_backward: index out of range [0, num_rows)");
+    if (p >= 0 && p < N) atomicMax(&invb[p], static_cast<int>(j));
+  }
+}
+
+// One thread per (row n, V channels): for each image b in order, rows[b, n, c..c+V) =
+// grad[b, inv[b, n], c..) or 0; with `reduce` also sum[n, c..) = the fp32 sum over b in order
+// (deterministic: no atomics). Without `reduce`, grid.y strides over the images.
+template <typename T, int V>
+__device__ __forceinline__ void scatter_unit(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC,
+                                             const int* __restrict__ inv, int64_t B, int64_t N, int64_t C, int64_t n,
+                                             int64_t c, bool reduce, T* __restrict__ rows, T* __restrict__ sum) {
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.0f;
+  const int64_t b0 = reduce ? 0 : blockIdx.y, step = reduce ? 1 : gridDim.y;
+  for (int64_t b = b0; b < B; b += step) {
+    const int j = inv[b * N + n];
+    T* dst = rows + (b * N + n) * C + c;
+    if constexpr (V == 1) {
+      const T v = j >= 0 ? grad[b * gsB + j * gsK + c * gsC] : static_cast<T>(0.0f);
+      *dst = v;
+      acc[0] += static_cast<float>(v);
+    } else {
+      using P = Pack<T>;
+      static_assert(V == P::kSize, "vector unit = one pack");
+      P v;
+      if (j >= 0) {
+        v = *reinterpret_cast<const P*>(grad + b * gsB + j * gsK + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v.v[e] = static_cast<T>(0.0f);
+      }
+      *reinterpret_cast<P*>(dst) = v;
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += static_cast<float>(v.v[e]);
+    }
+  }
+  if (reduce) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) sum[n * C + c + e] = static_cast<T>(acc[e]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    scatter_rows_kernel(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC, const int* __restrict__ inv,
+                        int64_t B, int64_t N, int64_t C, bool vec, bool reduce, T* __restrict__ rows,
+                        T* __restrict__ sum) {
+  constexpr int pack = Pack<T>::kSize;
+  const int64_t units = vec ? C / pack : C;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= N * units) return;
+  const int64_t n = e / units, u = e % units;
+  if (vec) {
+    scatter_unit<T, pack>(grad, gsB, gsK, gsC, inv, B, N, C, n, u * pack, reduce, rows, sum);
+  } else {
+    scatter_unit<T, 1>(grad, gsB, gsK, gsC, inv, B, N, C, n, u, reduce, rows, sum);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tokens, const at::Tensor& index,
+                                                      int64_t num_rows, bool reduce_batch) {
+  check_cuda_float("pool_backward", "grad_tokens", grad_tokens);
+  TORCH_CHECK_VALUE(grad_tokens.dim() == 3, "pool_backward: grad_tokens must be 3-D [B, K, C], got shape ",
+                    grad_tokens.sizes());
+  const int64_t B = grad_tokens.size(0), K = grad_tokens.size(1), C = grad_tokens.size(2);
+  TORCH_CHECK_VALUE(index.device() == grad_tokens.device(), "pool_backward: index must be on the same device as ",
+                    "grad_tokens (", grad_tokens.device(), "), got ", index.device());
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong, "pool_backward: index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B && index.size(1) == K,
+                    "pool_backward: index must have shape [", B, ", ", K, "] (B, K of grad_tokens), got ",
+                    index.sizes());
+  TORCH_CHECK_VALUE(num_rows >= 0, "pool_backward: num_rows must be >= 0, got ", num_rows);
+  TORCH_CHECK_VALUE(K <= INT32_MAX && B <= INT32_MAX, "pool_backward: the CUDA kernel takes at most 2^31-1 images ",
+                    "and rows, got B=", B, ", K=", K);
+  const int64_t N = num_rows;
+
+  c10::cuda::CUDAGuard device_guard(grad_tokens.device());
+  const auto options = grad_tokens.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor rows = at::empty({B, N, C}, options);
+  at::Tensor sum = reduce_batch ? at::empty({N, C}, options) : at::empty({0}, options);
+  if (rows.numel() == 0) {
+    if (reduce_batch) sum.zero_();  // a sum over no images (B == 0), or an empty [N, C]
+    return {rows, sum};
+  }
+  at::Tensor inv = at::empty({B, N}, grad_tokens.options().dtype(at::kInt));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  inverse_index_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(index.const_data_ptr<int64_t>(), index.stride(0),
+                                                                      index.stride(1), K, N, inv.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  APK_DISPATCH_CUDA_FLOATS(grad_tokens.scalar_type(), "pool_backward_cuda", [&] {
+    const scalar_t* g = grad_tokens.const_data_ptr<scalar_t>();
+    const int64_t gsB = grad_tokens.stride(0), gsK = grad_tokens.stride(1), gsC = grad_tokens.stride(2);
+    constexpr int64_t pack = Pack<scalar_t>::kSize;
+    const bool vec = C % pack == 0 && gsC == 1 && vec_aligned<scalar_t>(g, gsB) && gsK % pack == 0;
+    const int64_t units = N * (vec ? C / pack : C);
+    const int threads = 256;
+    const int64_t blocks = (units + threads - 1) / threads;
+    TORCH_CHECK(blocks <= INT32_MAX, "pool_backward: num_rows * C too large for one launch: ", units);
+    const dim3 grid(static_cast<unsigned>(blocks), reduce_batch ? 1u : static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    scatter_rows_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+        g, gsB, gsK, gsC, inv.const_data_ptr<int>(), B, N, C, vec, reduce_batch, rows.mutable_data_ptr<scalar_t>(),
+        reduce_batch ? sum.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {rows, sum};
+}
+
+}  // namespace
+}  // namespace apkernels::cuda
+
+TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
+  m.impl("patch_pool", &apkernels::cuda::patch_pool_cuda);
+  m.impl("pool_backward", &apkernels::cuda::pool_backward_cuda);
+}
