@@ -55,14 +55,18 @@ def available_backends(op: str, device) -> list:
     return [b for b in order if available(op, b, device)]
 
 
-def resolve(op: str, backend, device: torch.device) -> str:
+# dtypes the GPU backends (CUDA, Triton) implement; "auto" sends anything else to the reference.
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(op: str, backend, device: torch.device, dtype: torch.dtype | None = None) -> str:
     if backend is None or backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            order = ("cuda", "triton")
+            order = ("cuda", "triton") if dtype is None or dtype in GPU_DTYPES else ()
         else:
             order = ("cpu",)  # Triton on the CPU is the slow interpreter: only when asked for
         for candidate in order:

@@ -70,7 +70,7 @@ def dan_head_fusion(g, gate_logits, *, backend="auto"):
         heads when M > 1 (as the official code returns them); fused = heads.sum(1).
     """
     validate(g, gate_logits)
-    chosen = _backend.resolve(OP, backend, g.device)
+    chosen = _backend.resolve(OP, backend, g.device, g.dtype)
     if chosen == "reference":
         return reference.dan_head_fusion(g, gate_logits)
     op = torch.ops.apkernels.dan_head_fusion_triton if chosen == "triton" else torch.ops.apkernels.dan_head_fusion

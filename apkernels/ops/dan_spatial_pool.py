@@ -74,7 +74,7 @@ def dan_spatial_pool(x, z, *, backend="auto"):
         g [B, M, C]: g[b, m, c] = mean over positions p of x[b, c, p] * sum_c2 relu(z[b, m, c2, p]).
     """
     validate(x, z)
-    chosen = _backend.resolve(OP, backend, x.device)
+    chosen = _backend.resolve(OP, backend, x.device, x.dtype)
     if chosen == "reference":
         return reference.dan_spatial_pool(x, z)
     op = torch.ops.apkernels.dan_spatial_pool_triton if chosen == "triton" else torch.ops.apkernels.dan_spatial_pool

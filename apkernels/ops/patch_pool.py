@@ -79,7 +79,7 @@ def patch_pool(x, keep, pos=None, *, score="sum_abs", backend="auto"):
         ordered by ascending position. Gradients flow to x and pos through the gathered values.
     """
     validate(x, keep, pos, score)
-    chosen = _backend.resolve(OP, backend, x.device)
+    chosen = _backend.resolve(OP, backend, x.device, x.dtype)
     if chosen == "reference":
         return reference.patch_pool(x, keep, pos, score)
     op = torch.ops.apkernels.patch_pool_triton if chosen == "triton" else torch.ops.apkernels.patch_pool

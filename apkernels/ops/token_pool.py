@@ -80,7 +80,7 @@ def token_pool(x, q, k, keep, *, scale, score="sum", backend="auto"):
         Gradients flow to x only (the selection has no gradient).
     """
     validate(x, q, k, keep, scale, score)
-    chosen = _backend.resolve(OP, backend, x.device)
+    chosen = _backend.resolve(OP, backend, x.device, x.dtype)
     scale = float(scale)
     if chosen == "reference":
         return reference.token_pool(x, q, k, keep, scale, score)
