@@ -20,7 +20,7 @@ from torch import nn
 from apkernels import _backend
 from apkernels.nn import AttentivePatchPool, AttentiveTokenPool
 
-from .checkpoint import LoadReport, checkpoint_meta, load_matching, unwrap_state_dict
+from .checkpoint import LoadReport, checkpoint_meta, load_matching, read_checkpoint, unwrap_state_dict
 from .classes import default_classes
 from .ir50 import IR50, face_evolve_to_staged
 
@@ -255,6 +255,7 @@ class APViT(nn.Module):
     def load_official_state_dict(self, checkpoint, strict: bool = True) -> LoadReport:
         """Load an official APViT checkpoint (a path, ``{'state_dict': ...}`` or bare; ``module.``
         prefixes stripped). Takes the class list from ``meta.CLASSES`` when it has one."""
+        checkpoint = read_checkpoint(checkpoint)  # read a file once, for the tensors and the meta
         state = unwrap_state_dict(checkpoint)
         report = load_matching(self, state, "APViT official checkpoint", strict)
         classes = checkpoint_meta(checkpoint).get("CLASSES")

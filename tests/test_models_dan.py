@@ -10,7 +10,7 @@ from torch import nn
 
 from models import DAN, AffinityLoss, PartitionLoss, build_model
 from models.classes import DAN_AFFECTNET8_CLASSES, DAN_RAFDB_CLASSES
-from tests.models_helpers import assert_grads_close, model_backend_params, official_keys
+from tests.models_helpers import assert_close_to_scale, assert_grads_close, model_backend_params, official_keys
 from tests.test_nn_dan import CrossAttentionHead  # the official head, copied from yaoing/DAN
 from tests.utils import DEVICES
 
@@ -42,13 +42,18 @@ class OfficialDAN(nn.Module):
 
 @pytest.fixture(scope="module")
 def official_state():
-    """A DAN state in the official layout with realistic scales: the default initialisation with
-    random BatchNorm statistics / affine parameters and non-trivial channel-attention weights."""
+    """A DAN state in the official layout with moderate scales: the default initialisation with
+    random BatchNorm statistics / affine parameters and non-trivial channel-attention weights. The
+    spatial branches' BatchNorm scales are small so that s (a sum over 512 channels) stays O(1-10):
+    with O(1) scales the heads reach 1e4 and their log-softmax becomes so ill-conditioned that fp32
+    rounding alone moves the gradients by 1e-3."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     state = DAN().official_state_dict()
     for key, value in state.items():
-        if key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+        if ".sa.conv_" in key and key.endswith((".1.weight", ".1.bias")):
+            state[key] = torch.rand(value.shape, generator=gen) * 0.02 + 0.01 * key.endswith("weight")
+        elif key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
             state[key] = torch.rand(value.shape, generator=gen) + 0.5
         elif key.endswith(("running_mean", ".bias")) and value.dim() == 1:
             state[key] = torch.randn(value.shape, generator=gen) * 0.1
@@ -122,15 +127,22 @@ def test_spatial_attention_is_the_official_map(official_state):
 def test_backend_matches_reference(official_state, device, backend, train):
     fast = loaded_dan(official_state, backend, device).train(train)
     ref = loaded_dan(official_state, "reference", device).train(train)
-    x_fast = images(device=device).requires_grad_()
+    # Batch 4: with 2 samples a train-mode BatchNorm1d maps (a, b) to (+-1) and its gradient scales
+    # with 1 / |a - b|, which turns fp32 rounding differences into large gradient differences.
+    x_fast = images(batch=4, device=device).requires_grad_()
     x_ref = x_fast.detach().clone().requires_grad_()
     out_fast, out_ref = fast(x_fast), ref(x_ref)
-    for a, b in zip(out_fast, out_ref, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    (out_fast[0].sum() + out_fast[2].square().sum()).backward()
-    (out_ref[0].sum() + out_ref[2].square().sum()).backward()
-    torch.testing.assert_close(x_fast.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
-    assert_grads_close(fast, ref, atol=1e-5, rtol=1e-4)
+    # The untrained heads span 0 to ~1e4 (log-softmax of large logits): tolerances relative to the
+    # largest entry, fp32 rounding of a 512-channel sum.
+    for name, a, b in zip(("logits", "features", "heads"), out_fast, out_ref, strict=True):
+        assert_close_to_scale(a, b, 1e-5, name)
+    # Random weights: the plain sum of train-mode BatchNorm outputs has an exactly zero gradient.
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(t.shape, generator=gen).to(device) for t in out_ref]
+    sum((t * w).sum() for t, w in zip(out_fast, weights)).backward()
+    sum((t * w).sum() for t, w in zip(out_ref, weights)).backward()
+    assert_close_to_scale(x_fast.grad, x_ref.grad, 1e-4, "input grad")
+    assert_grads_close(fast, ref, rel=1e-4, scaled=True)
 
 
 def test_fused_inference_matches(official_state):
@@ -256,13 +268,14 @@ def test_compile_fullgraph(official_state, device):
     eager = loaded_dan(official_state, device=device)
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
-    x = images(device=device)
+    x = images(batch=4, device=device)  # batch 4: see test_backend_matches_reference
     got, expected = compiled(x), eager(x)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    got[0].sum().backward()
-    expected[0].sum().backward()
-    assert_grads_close(model, eager, atol=1e-4, rtol=1e-3)
+    for name, a, b in zip(("logits", "features", "heads"), got, expected, strict=True):
+        assert_close_to_scale(a, b, 1e-5, name)
+    weights = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(2)).to(device)
+    (got[0] * weights).sum().backward()
+    (expected[0] * weights).sum().backward()
+    assert_grads_close(model, eager, rel=1e-4, scaled=True)
 
 
 # ---- arguments --------------------------------------------------------------------------------
