@@ -36,13 +36,21 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", default=list(common.PROVIDERS), choices=list(common.PROVIDERS))
     p.add_argument("--compile", action="store_true", help="keep the torch.compile rows under --quick")
     p.add_argument("--passes", nargs="+", default=list(common.PASSES), choices=list(common.PASSES))
-    p.add_argument("--batches", nargs="+", type=int, help="batch sizes for every op (default: the paper's)")
+    batches = p.add_mutually_exclusive_group()
+    batches.add_argument("--batches", nargs="+", type=int, help="batch sizes for every op (default: the paper's)")
+    batches.add_argument(
+        "--target-batch",
+        action="store_true",
+        help="each op at its target batch only (B=32 APViT ops, B=64 DAN ops: the CPU targets' batch)",
+    )
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="GPU dtypes (default fp32 bf16; CPU is fp32)")
     p.add_argument("--reps", type=int, help="timing samples per row (default 15 CPU / 100 CUDA, 3 with --quick)")
     models = p.add_mutually_exclusive_group()
     models.add_argument("--models", dest="models", action="store_true", default=None, help="add the model rows")
     models.add_argument("--no-models", dest="models", action="store_false", help="skip the model rows")
-    p.add_argument("--model-batch", type=int, help="batch of the model throughput rows (default 32 APViT / 64 DAN)")
+    p.add_argument(
+        "--model-batch", type=int, help="batch of the model throughput rows (default 32 APViT / 64 DAN on CUDA, 4 on CPU)"
+    )
     p.add_argument("--tests-passed", type=int, help="recorded as tests.passed in the JSON")
     p.add_argument("--tests-failed", type=int, help="recorded as tests.failed in the JSON")
     p.add_argument("--junit", help="junit xml of a test run; its counts go to tests in the JSON")
@@ -72,6 +80,7 @@ def main(argv=None) -> int:
         quick=args.quick,
         reps=args.reps,
         batches=args.batches,
+        target_batch=args.target_batch,
         dtypes=dtypes,
         passes=tuple(args.passes),
         providers=tuple(providers),
@@ -100,7 +109,8 @@ def main(argv=None) -> int:
     run_models = args.models if args.models is not None else not args.quick
     model_rows = []
     if run_models:
-        model_rows, model_skipped = model_bench.run(run_devices, quick=args.quick, batch=args.model_batch)
+        with tqdm(desc="models", unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=1.0) as bar:
+            model_rows, model_skipped = model_bench.run(run_devices, quick=args.quick, batch=args.model_batch, progress=bar)
         skipped.extend(model_skipped)
         rows.extend(model_rows)
     elif args.models is None:

@@ -100,3 +100,24 @@ def op_bench(benchmark, request):
         common.assert_matches(spec, case.provider, case.dtype, result, common.expected_result(spec, inputs, case.pass_, grads))
 
     return run
+
+
+@pytest.fixture
+def model_benchmark(benchmark, request):
+    """run(case): time one ModelCase step (images/s in extra_info) and check its output."""
+    from benchmarks import model_bench
+
+    def run(case):
+        fn = model_bench.step_fn(case)
+        if not benchmarks_disabled(request.config):
+            fn()  # warm-up (and the compilation of the "compile" provider)
+        benchmark.group = case.group
+        benchmark.name = case.provider
+        benchmark.extra_info.update(model=case.model, shape=case.shape, pass_=case.pass_, provider=case.provider)
+        result = benchmark(synchronized(fn, case.device))
+        stats = getattr(benchmark, "stats", None)
+        if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
+            benchmark.extra_info["img_per_s"] = case.batch / stats.stats.median
+        model_bench.check_step(case, result)
+
+    return run

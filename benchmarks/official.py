@@ -120,21 +120,27 @@ class _OfficialBlock(nn.Module):
 
 class OfficialAPViT(nn.Module):
     """APViT (SPEC 1), official style: IR-50 stages 1-3, 1x1 projection, top-k patch pooling
-    (`keep_patches`; 196 keeps every patch), 8 ViT blocks with token pooling at `keep_rates`."""
+    (`keep_patches`; all 196 keeps every patch), 8 ViT blocks with token pooling at `keep_rates`.
+    The keyword arguments are those of `models.APViT` (smaller values make the smoke-test model)."""
 
     def __init__(
         self,
         num_classes: int = 7,
         keep_patches: int = 160,
         keep_rates=(1, 1, 1, 1, 0.9, 0.9, 0.9, 0.9),
-        dim: int = 768,
-        heads: int = 8,
+        *,
+        embed_dim: int = 768,
+        num_heads: int = 8,
+        backbone_units=(3, 4, 14),
+        input_size: int = 112,
     ):
         super().__init__()
+        num_patches = (input_size // 8) ** 2  # three stride-2 stages
+        dim, heads = embed_dim, num_heads
         self.keep_patches = keep_patches
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
         units, cin = [], 64
-        for depth, count in ((64, 3), (128, 4), (256, 14)):
+        for depth, count in zip((64, 128, 256), backbone_units):
             for i in range(count):
                 units.append(_IRUnit(cin, depth, 2 if i == 0 else 1))
                 cin = depth
@@ -142,7 +148,7 @@ class OfficialAPViT(nn.Module):
         self.proj = nn.Conv2d(256, dim, 1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
-        self.patch_pos_embed = nn.Parameter(torch.randn(1, 196, dim) * 0.02)
+        self.patch_pos_embed = nn.Parameter(torch.randn(1, num_patches, dim) * 0.02)
         self.blocks = nn.Sequential(*[_OfficialBlock(dim, heads, r) for r in keep_rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc = nn.Linear(dim, num_classes)

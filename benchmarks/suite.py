@@ -46,6 +46,7 @@ class Config:
     quick: bool = False
     reps: int | None = None
     batches: list | None = None  # overrides every op's batch sizes
+    target_batch: bool = False  # each op at its CPU-target batch only
     dtypes: dict | None = None  # device type -> dtypes
     passes: tuple = common.PASSES
     providers: tuple = common.PROVIDERS
@@ -53,6 +54,8 @@ class Config:
     def batch_sizes(self, spec) -> list:
         if self.batches:
             return list(self.batches)
+        if self.target_batch:
+            return [spec.target_batch]
         return [2] if self.quick else list(spec.batches)
 
     def dtypes_for(self, device) -> list:
