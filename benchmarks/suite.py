@@ -256,8 +256,19 @@ def device_label(devices) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(devices) -> str:
-    parts = [f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"]
+    parts = [f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"]
     if torch.cuda.is_available() and any(torch.device(d).type == "cuda" for d in devices):
         p = torch.cuda.get_device_properties(0)
         parts.append(f"cuda ({p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
