@@ -32,7 +32,14 @@ def parse_args(argv=None):
         choices=("auto", "cpu", "cuda"),
         help="auto (default): cpu and cuda, the cuda rows listed as skipped without a GPU; cpu / cuda: only that device",
     )
-    p.add_argument("--ops", nargs="+", default=list(common.OPS), choices=list(common.OPS), metavar="OP")
+    p.add_argument(
+        "--ops",
+        nargs="*",
+        default=list(common.OPS),
+        choices=list(common.OPS),
+        metavar="OP",
+        help=f"ops to run (default all: {' '.join(common.OPS)}); --ops with none: model rows only",
+    )
     p.add_argument("--providers", nargs="+", default=list(common.PROVIDERS), choices=list(common.PROVIDERS))
     p.add_argument("--compile", action="store_true", help="keep the torch.compile rows under --quick")
     p.add_argument("--passes", nargs="+", default=list(common.PASSES), choices=list(common.PASSES))
@@ -102,7 +109,9 @@ def main(argv=None) -> int:
         for s, _, _, d in cases
     )
     rows = []
-    with tqdm(total=total, desc="ops", unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(
+        total=total, desc="ops", unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=not total
+    ) as bar:
         for spec, batch, dtype, device in cases:
             rows.extend(suite.run_case(spec, batch, dtype, device, config, progress=bar))
 
@@ -117,15 +126,22 @@ def main(argv=None) -> int:
         skipped.append({"op": "models", "reason": "--quick: model rows are off (add --models)"})
     suite.add_bandwidth_fraction(rows, copy_gbps)
 
-    print()
-    print(suite.format_table([r for r in rows if r.get("kind") != "model"]))
+    op_rows = [r for r in rows if r.get("kind") != "model"]
+    if op_rows:
+        print()
+        print(suite.format_table(op_rows))
     if model_rows:
         print()
         print(model_bench.format_table(model_rows))
+    unique = []
+    for entry in skipped:  # the same reason for several passes / sizes once
+        if entry not in unique:
+            unique.append(entry)
+    skipped = unique
     if skipped:
         print()
         print(suite.format_skipped(skipped))
-    targets = suite.check_cpu_targets(rows) if "cpu" in run_devices else []
+    targets = suite.check_cpu_targets(rows) if "cpu" in run_devices and config.ops else []
     if targets:
         print()
         print(suite.format_targets(targets))
