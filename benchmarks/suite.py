@@ -338,7 +338,9 @@ def plot_speedups(rows, path: str, title: str) -> str | None:
     groups = [g for g in groups if g[1]]
     if not groups:
         return None
-    providers = [p for p in common.PROVIDERS + ("apkernels", "apkernels+compile", "no-pooling") if any(p in g[1] for g in groups)]
+    providers = []  # in order of first appearance
+    for _, by_provider in groups:
+        providers += [p for p in by_provider if p not in providers]
     height = 0.8 / max(1, len(providers))
     fig, ax = plt.subplots(figsize=(11, 1.0 + 0.32 * len(groups) * max(1, len(providers)) ** 0.5))
     for j, provider in enumerate(providers):
