@@ -229,10 +229,6 @@ def provider_unavailable(op: str, provider: str, device) -> str | None:
     return f"unknown provider {provider!r}"
 
 
-def providers_for(op: str, device) -> list:
-    return [p for p in PROVIDERS if provider_unavailable(op, p, device) is None]
-
-
 _COMPILED: dict = {}
 
 
@@ -261,6 +257,8 @@ def pass_fn(spec: OpSpec, provider: str, inputs: dict, pass_: str, grads=None, c
 
     `grads` (one tensor per float output) are the incoming gradients; made once and shared by the
     providers of a case so every provider does the same work."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
     fn = provider_fn(spec, provider, compile_backend)
     leaves = {k: v.detach().requires_grad_(k in spec.grad_names) for k, v in inputs.items()}
     if "q" in leaves:  # q, k stay views of one qkv tensor (their strides matter)
@@ -279,9 +277,7 @@ def pass_fn(spec: OpSpec, provider: str, inputs: dict, pass_: str, grads=None, c
         grads = [torch.ones_like(o) for o in outs]
     if pass_ == "bwd":
         return (lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)), outputs
-    if pass_ == "fwd+bwd":
-        return (lambda: torch.autograd.grad(float_outputs(fn(leaves)), wrt, grads)), outputs
-    raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    return (lambda: torch.autograd.grad(float_outputs(fn(leaves)), wrt, grads)), outputs
 
 
 def make_grads(spec: OpSpec, inputs: dict, generator) -> list:
