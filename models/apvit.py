@@ -20,15 +20,17 @@ from torch import nn
 from apkernels import _backend
 from apkernels.nn import AttentivePatchPool, AttentiveTokenPool
 
-from .checkpoint import LoadReport, checkpoint_meta, load_matching, unwrap_state_dict
+from .checkpoint import LoadReport, checkpoint_meta, load_matching, read_checkpoint, unwrap_state_dict
 from .classes import default_classes
 from .ir50 import IR50, face_evolve_to_staged
 
 APVIT_KEEP_RATES = (1, 1, 1, 1, 0.9, 0.9, 0.9, 0.9)
 INPUT_SIZE = 112
 BACKBONE_STRIDE = 8  # three stride-2 stages: 112 -> 14
-IMAGE_MEAN = (123.675, 116.28, 103.53)  # 0-255 scale (SPEC 1)
-IMAGE_STD = (58.395, 57.12, 57.375)
+# SPEC 1 normalises 0-255 images with mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375):
+# the ImageNet statistics, given here on the 0-1 scale (as for DAN).
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 class PoolingIndices(NamedTuple):
@@ -203,6 +205,7 @@ class APViT(nn.Module):
             raise ValueError(f"APViT: keep_rates must be a non-empty list of rates in (0, 1], got {keep_rates}")
         self.num_classes, self.keep_patches, self.keep_rates = num_classes, keep_patches, keep_rates
         self.backend, self.input_size = backend, input_size
+        self.image_mean, self.image_std = IMAGE_MEAN, IMAGE_STD
         self.classes = tuple(classes) if classes is not None else default_classes("apvit", num_classes)
         if len(self.classes) != num_classes:
             raise ValueError(f"APViT: classes must name {num_classes} classes, got {len(self.classes)}")
@@ -252,6 +255,7 @@ class APViT(nn.Module):
     def load_official_state_dict(self, checkpoint, strict: bool = True) -> LoadReport:
         """Load an official APViT checkpoint (a path, ``{'state_dict': ...}`` or bare; ``module.``
         prefixes stripped). Takes the class list from ``meta.CLASSES`` when it has one."""
+        checkpoint = read_checkpoint(checkpoint)  # read a file once, for the tensors and the meta
         state = unwrap_state_dict(checkpoint)
         report = load_matching(self, state, "APViT official checkpoint", strict)
         classes = checkpoint_meta(checkpoint).get("CLASSES")

@@ -47,6 +47,7 @@ class DAN(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"DAN: num_classes must be a positive int, got {num_classes!r}")
         self.num_classes, self.num_heads, self.backend = num_classes, num_heads, backend
+        self.input_size, self.image_mean, self.image_std = INPUT_SIZE, IMAGE_MEAN, IMAGE_STD
         self.classes = tuple(classes) if classes is not None else default_classes("dan", num_classes)
         if len(self.classes) != num_classes:
             raise ValueError(f"DAN: classes must name {num_classes} classes, got {len(self.classes)}")
