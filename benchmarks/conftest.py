@@ -5,8 +5,9 @@
 
 With --benchmark-disable the paper_scale rows are skipped (add --paper-scale to run them once
 each) and torch.compile only captures the graph (dynamo backend "eager": an Inductor compile costs
-10-90 s per graph on a small CPU). When timing, the B=2 smoke rows are skipped. Every row checks
-its result against apkernels.reference, so the smoke run is a correctness test of the providers.
+10-90 s per graph on a small CPU) and torch uses one thread. When timing, the B=2 smoke rows are
+skipped. Every row checks its result against apkernels.reference, so the smoke run is a
+correctness test of the providers.
 """
 import os
 
@@ -29,6 +30,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "paper_scale: a benchmark at the papers' batch sizes (slow without a GPU)")
+    if benchmarks_disabled(config):
+        # The smoke run checks results, not speed: one thread avoids OpenMP threads spin-waiting
+        # on each other on a busy CI machine (it halves the run there).
+        torch.set_num_threads(1)
 
 
 def benchmarks_disabled(config) -> bool:
