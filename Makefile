@@ -23,9 +23,13 @@ build: venv
 
 demo: build
 	$(PY) -m apkernels
+	$(PY) -m benchmarks
 
+# The unit tests, then the benchmark suites and the main benchmark job as smoke tests (no timing).
 test: build
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
+	$(PY) -m benchmarks --quick --out "$$(mktemp -d)"
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only -q
