@@ -85,16 +85,13 @@ inline acc_t reduce_converted(const scalar_t* v, int64_t len) {
 // sum_e a[e] * b[e * stride_b], a already in acc_t.
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t len, int64_t stride_b) {
-  acc_t part[kLanes] = {};
-  int64_t i = 0;
-  if (stride_b == 1) {
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * static_cast<acc_t>(b[i + j]);
-    }
-  }
   acc_t acc = 0;
-  for (int j = 0; j < kLanes; ++j) acc += part[j];
-  for (; i < len; ++i) acc += a[i] * static_cast<acc_t>(b[i * stride_b]);
+  if (stride_b == 1) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < len; ++i) acc += a[i] * static_cast<acc_t>(b[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) acc += a[i] * static_cast<acc_t>(b[i * stride_b]);
+  }
   return acc;
 }
 
