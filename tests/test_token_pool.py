@@ -17,7 +17,7 @@ from tests.pool_cases import (
     skip_big,
     token_inputs,
 )
-from tests.utils import backend_params, interpreted, small_ints
+from tests.utils import backend_params, dtypes_for, interpreted, small_ints
 
 BACKENDS = backend_params("token_pool")
 BACKEND_DTYPES = backend_dtype_params("token_pool")
@@ -109,8 +109,8 @@ def test_backward_matches_reference(device, backend, dtype, case):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_gradcheck_fp64(device, backend):
-    if backend == "triton":
-        pytest.skip("fp64 runs on the CPU kernels only")
+    if torch.float64 not in dtypes_for(backend):
+        pytest.skip(f"the {backend} backend has no fp64 kernels")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, 4, dtype=torch.float64, generator=g).to(device).requires_grad_()
     qkv = torch.randn(2, 7, 3, 2, 3, dtype=torch.float64, generator=g).to(device).permute(2, 0, 3, 1, 4)
