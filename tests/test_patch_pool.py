@@ -15,6 +15,7 @@ from tests.pool_cases import (
     case_params,
     op_for,
     patch_inputs,
+    scores_to_check,
     skip_big,
 )
 from tests.utils import backend_params, dtypes_for, interpreted, small_ints
@@ -29,7 +30,7 @@ def test_forward_matches_reference_every_score(device, backend, dtype, case):
     """Exact integer inputs (ties everywhere): the kept indices must equal the reference's."""
     skip_big(case, device, backend)
     x, pos = patch_inputs(case, dtype, device)
-    for score in reference.PATCH_SCORES:
+    for score in scores_to_check(reference.PATCH_SCORES, dtype, device, backend):
         tokens, index = apkernels.patch_pool(x, case.keep, pos, score=score, backend=backend)
         ref_tokens, ref_index = reference.patch_pool(x, case.keep, pos, score)
         assert torch.equal(index, ref_index), score
@@ -59,7 +60,7 @@ def test_nan_inf_scores(device, backend, dtype):
     x[1, 2, 0, 0] = float("nan")
     x[1, :, 2, 2] = float("nan")
     x[1, 3, 1, 0] = float("-inf")
-    for score in reference.PATCH_SCORES:
+    for score in scores_to_check(reference.PATCH_SCORES, dtype, device, backend):
         tokens, index = apkernels.patch_pool(x, keep, score=score, backend=backend)
         ref_tokens, ref_index = reference.patch_pool(x, keep, None, score)
         assert torch.equal(index, ref_index), score
@@ -103,7 +104,10 @@ def test_backward_matches_reference(device, backend, dtype, case):
     skip_big(case, device, backend)
     x, pos = patch_inputs(case, dtype, device, seed=4)
     grad = small_ints(case.B, case.keep, case.C, dtype=dtype, device=device, generator=torch.Generator().manual_seed(5))
-    for with_pos in (True, False) if pos is not None else (False,):
+    runs = (True, False) if pos is not None else (False,)
+    if interpreted(device, backend):
+        runs = runs[:1]  # the slow Triton interpreter: the first run covers the x (and pos) gradient
+    for with_pos in runs:
         leaves = [x.detach().requires_grad_()] + ([pos.detach().requires_grad_()] if with_pos else [])
         ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
         tokens, _ = apkernels.patch_pool(leaves[0], case.keep, leaves[1] if with_pos else None, backend=backend)
