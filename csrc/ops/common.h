@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 
@@ -92,6 +93,46 @@ APK_HOST_DEVICE acc_t score_step(ScoreKind kind, acc_t acc, acc_t v) {
     }
   }
   return acc;
+}
+
+// Compile-time versions of score_init / score_step (the kind as a template argument, so that the
+// inner loops carry no switch and vectorise), plus score_combine, which merges two partial scores
+// of the same kind (partial sums add; partial maxima take the NaN-propagating max).
+template <ScoreKind kind, typename acc_t>
+APK_HOST_DEVICE acc_t score_init_t() {
+  if constexpr (kind == ScoreKind::Max) return -INFINITY;
+  else return acc_t(0);
+}
+
+template <ScoreKind kind, typename acc_t>
+APK_HOST_DEVICE acc_t score_step_t(acc_t acc, acc_t v) {
+  if constexpr (kind == ScoreKind::SumAbs) return acc + (v < 0 ? -v : v);
+  else if constexpr (kind == ScoreKind::Sum) return acc + v;
+  else if constexpr (kind == ScoreKind::SumSq) return acc + v * v;
+  else if constexpr (kind == ScoreKind::Max) return (v > acc || v != v) ? v : acc;
+  else {
+    acc_t a = v < 0 ? -v : v;
+    return (a > acc || a != a) ? a : acc;
+  }
+}
+
+template <ScoreKind kind, typename acc_t>
+APK_HOST_DEVICE acc_t score_combine(acc_t a, acc_t b) {
+  if constexpr (kind == ScoreKind::Max || kind == ScoreKind::MaxAbs) return (b > a || b != b) ? b : a;
+  else return a + b;
+}
+
+// Calls f(std::integral_constant<ScoreKind, kind>{}) for a runtime kind: one instantiation per kind.
+template <typename F>
+inline decltype(auto) dispatch_score_kind(ScoreKind kind, F&& f) {
+  switch (kind) {
+    case ScoreKind::SumAbs: return f(std::integral_constant<ScoreKind, ScoreKind::SumAbs>{});
+    case ScoreKind::Sum: return f(std::integral_constant<ScoreKind, ScoreKind::Sum>{});
+    case ScoreKind::SumSq: return f(std::integral_constant<ScoreKind, ScoreKind::SumSq>{});
+    case ScoreKind::Max: return f(std::integral_constant<ScoreKind, ScoreKind::Max>{});
+    case ScoreKind::MaxAbs: break;
+  }
+  return f(std::integral_constant<ScoreKind, ScoreKind::MaxAbs>{});
 }
 
 }  // namespace apkernels
