@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace apkernels {
@@ -112,6 +113,17 @@ APK_INLINE void load_seg(const BMC<scalar_t>& t, int64_t b, int64_t m, int64_t c
   }
 }
 
+// The segment t[b, m, c0 : c0 + n] as accumulators: in place when t already holds them with unit
+// channel stride, else copied into buf.
+template <typename scalar_t, typename acc_t>
+APK_INLINE const acc_t* seg_ptr(const BMC<scalar_t>& t, int64_t b, int64_t m, int64_t c0, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (t.sc == 1) return t.p + b * t.sb + m * t.sm + c0;
+  }
+  load_seg(t, b, m, c0, n, buf);
+  return buf;
+}
+
 template <typename scalar_t, typename acc_t>
 APK_INLINE void store_seg(const acc_t* in, int64_t n, scalar_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
@@ -142,14 +154,15 @@ APK_SIMD_CLONES void fusion_forward_tasks(const BMC<scalar_t>& g, const BMC<scal
     // Pass 1: h = g sigmoid(a) and its running max over the heads.
     for (int64_t m = 0; m < M; ++m) {
       acc_t* hm = scratch_row(scratch, m);
-      load_seg(g, b, m, c0, n, hm);
-      load_seg(a, b, m, c0, n, av);
+      const acc_t* gm = seg_ptr(g, b, m, c0, n, hm);
+      const acc_t* am = seg_ptr(a, b, m, c0, n, av);
       if (m == 0) {
-        for (int64_t i = 0; i < n; ++i) mx[i] = hm[i] = hm[i] * sigmoid(av[i]);
+        for (int64_t i = 0; i < n; ++i) mx[i] = hm[i] = gm[i] * sigmoid(am[i]);
       } else {
         for (int64_t i = 0; i < n; ++i) {
-          hm[i] = hm[i] * sigmoid(av[i]);
-          mx[i] = select(hm[i] > mx[i], hm[i], mx[i]);
+          const acc_t h = gm[i] * sigmoid(am[i]);
+          hm[i] = h;
+          mx[i] = select(h > mx[i], h, mx[i]);
         }
       }
     }
@@ -167,11 +180,19 @@ APK_SIMD_CLONES void fusion_forward_tasks(const BMC<scalar_t>& g, const BMC<scal
     fill(sum, n, acc_t(0));
     for (int64_t m = 0; m < M; ++m) {
       acc_t* hm = scratch_row(scratch, m);
-      for (int64_t i = 0; i < n; ++i) {
-        hm[i] -= mx[i];
-        sum[i] += hm[i];
+      scalar_t* out = heads + (b * M + m) * C + c0;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // write the output directly
+        for (int64_t i = 0; i < n; ++i) {
+          out[i] = hm[i] - mx[i];
+          sum[i] += out[i];
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          hm[i] -= mx[i];
+          sum[i] += hm[i];
+        }
+        store_seg(hm, n, out);
       }
-      store_seg(hm, n, heads + (b * M + m) * C + c0);
     }
     store_seg(sum, n, fused + b * C + c0);
   }

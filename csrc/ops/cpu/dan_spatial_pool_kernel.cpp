@@ -18,6 +18,7 @@
 #include "ops/cpu/simd.h"
 #include "ops/dan_checks.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace apkernels {
@@ -61,19 +62,24 @@ APK_INLINE void add_relu_plane(const scalar_t* ptr, const PlaneStrides& ps, acc_
     for (int64_t w = 0; w < ps.W; ++w) s[h * ps.W + w] += relu(static_cast<acc_t>(ptr[h * ps.sh + w * ps.sw]));
 }
 
-// sum_p a[p] b[p] with kLanes independent partial sums (the compiler vectorises them without
-// reassociating anything), combined in a fixed order.
-template <typename acc_t>
-APK_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+// out[k] = sum_p a[p] b[k * ldb + p] for k < K, each with kLanes independent partial sums (the
+// compiler vectorises them without reassociating anything) combined in a fixed order. The K dot
+// products run interleaved, K independent FMA chains instead of one latency-bound chain; each
+// result is bit-identical to the same dot product computed alone.
+template <int K, typename acc_t>
+APK_INLINE void dots(const acc_t* a, const acc_t* b, int64_t ldb, int64_t n, acc_t* out) {
   constexpr int kLanes = 8;
-  acc_t lanes[kLanes] = {};
+  acc_t lanes[K][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  for (int l = 0; l < kLanes / 2; ++l) lanes[l] += lanes[l + kLanes / 2];
-  return ((lanes[0] + lanes[2]) + (lanes[1] + lanes[3])) + tail;
+    for (int k = 0; k < K; ++k)
+      for (int l = 0; l < kLanes; ++l) lanes[k][l] += a[i + l] * b[k * ldb + i + l];
+  for (int k = 0; k < K; ++k) {
+    acc_t tail = 0;
+    for (int64_t j = i; j < n; ++j) tail += a[j] * b[k * ldb + j];
+    for (int l = 0; l < kLanes / 2; ++l) lanes[k][l] += lanes[k][l + kLanes / 2];
+    out[k] = ((lanes[k][0] + lanes[k][2]) + (lanes[k][1] + lanes[k][3])) + tail;
+  }
 }
 
 using Dims = dan::PoolDims;
@@ -100,9 +106,33 @@ Inputs<scalar_t> inputs_of(const at::Tensor& x, const at::Tensor& z, const Dims&
 template <typename scalar_t, typename acc_t>
 APK_INLINE void spatial_attention(const Inputs<scalar_t>& in, int64_t b, const Dims& d, acc_t* s) {
   for (int64_t i = 0; i < d.M * d.P; ++i) s[i] = acc_t(0);
-  for (int64_t m = 0; m < d.M; ++m)
-    for (int64_t c2 = 0; c2 < d.C2; ++c2)
-      add_relu_plane(in.z + b * in.z_sb + m * in.z_sm + c2 * in.z_sc2, in.zs, s + m * d.P);
+  for (int64_t m = 0; m < d.M; ++m) {
+    const scalar_t* zm = in.z + b * in.z_sb + m * in.z_sm;
+    acc_t* sm = s + m * d.P;
+    int64_t c2 = 0;
+    if (in.zs.flat) {  // four channels per sweep: a quarter of the loads/stores of s and loop set-ups
+      const int64_t st = in.z_sc2;
+      for (; c2 + 4 <= d.C2; c2 += 4) {
+        const scalar_t* r = zm + c2 * st;
+        for (int64_t p = 0; p < d.P; ++p)
+          sm[p] += (relu(static_cast<acc_t>(r[p])) + relu(static_cast<acc_t>(r[st + p]))) +
+                   (relu(static_cast<acc_t>(r[2 * st + p])) + relu(static_cast<acc_t>(r[3 * st + p])));
+      }
+    }
+    for (; c2 < d.C2; ++c2) add_relu_plane(zm + c2 * in.z_sc2, in.zs, sm);
+  }
+}
+
+// Row c of x [C, P] of image b as accumulators: in place when x already holds them in a flat plane,
+// else copied into buf.
+template <typename scalar_t, typename acc_t>
+APK_INLINE const acc_t* x_row(const Inputs<scalar_t>& in, int64_t b, int64_t c, acc_t* buf) {
+  const scalar_t* ptr = in.x + b * in.x_sb + c * in.x_sc;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (in.xs.flat) return ptr;
+  }
+  load_plane(ptr, in.xs, buf);
+  return buf;
 }
 
 // g[b] [M, C] of one image. Scratch: s [M * P], row [P].
@@ -111,9 +141,17 @@ APK_SIMD_CLONES void pool_image(const Inputs<scalar_t>& in, int64_t b, const Dim
                                 scalar_t* g) {
   spatial_attention(in, b, d, s);
   for (int64_t c = 0; c < d.C; ++c) {
-    load_plane(in.x + b * in.x_sb + c * in.x_sc, in.xs, row);
-    for (int64_t m = 0; m < d.M; ++m)
-      g[(b * d.M + m) * d.C + c] = static_cast<scalar_t>(dot(row, s + m * d.P, d.P) / acc_t(d.P));
+    const acc_t* xr = x_row(in, b, c, row);
+    acc_t res[4];
+    int64_t m = 0;
+    for (; m + 4 <= d.M; m += 4) {
+      dots<4>(xr, s + m * d.P, d.P, d.P, res);
+      for (int k = 0; k < 4; ++k) g[(b * d.M + m + k) * d.C + c] = static_cast<scalar_t>(res[k] / acc_t(d.P));
+    }
+    for (; m < d.M; ++m) {
+      dots<1>(xr, s + m * d.P, d.P, d.P, res);
+      g[(b * d.M + m) * d.C + c] = static_cast<scalar_t>(res[0] / acc_t(d.P));
+    }
   }
 }
 
@@ -127,7 +165,7 @@ APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, 
   for (int64_t i = 0; i < d.M * d.P; ++i) t[i] = acc_t(0);
   // One pass over x: t[m, :] += dg[m, c] x[c, :] and dx[c, :] = sum_m dg[m, c] s[m, :] / P.
   for (int64_t c = 0; c < d.C; ++c) {
-    load_plane(in.x + b * in.x_sb + c * in.x_sc, in.xs, row);
+    const acc_t* xr = x_row(in, b, c, row);
     for (int64_t m = 0; m < d.M; ++m) w[m] = static_cast<acc_t>(dg[m * dg_sm + c * dg_sc]);
     for (int64_t p = 0; p < d.P; ++p) dx_row[p] = acc_t(0);
     for (int64_t m = 0; m < d.M; ++m) {
@@ -135,7 +173,7 @@ APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, 
       acc_t* tm = t + m * d.P;
       const acc_t* sm = s + m * d.P;
       for (int64_t p = 0; p < d.P; ++p) {
-        tm[p] += wm * row[p];
+        tm[p] += wm * xr[p];
         dx_row[p] += wm * sm[p];
       }
     }

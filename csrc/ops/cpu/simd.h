@@ -10,7 +10,8 @@
 // non-x86, non-ELF) it expands to nothing.
 // GCC inlines a function into a clone of another -march only when it is always_inline, so every
 // helper called inside an APK_SIMD_CLONES function is APK_INLINE (else it stays a scalar call).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(__CUDACC__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__) \
+    && !defined(__CUDACC__)
 #define APK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define APK_SIMD_CLONES
