@@ -114,6 +114,8 @@ APK_INLINE void spatial_attention(const Inputs<scalar_t>& in, int64_t b, const D
       const int64_t st = in.z_sc2;
       for (; c2 + 4 <= d.C2; c2 += 4) {
         const scalar_t* r = zm + c2 * st;
+        for (int k = 16; k < 20; ++k)  // the rows four sweeps ahead
+          prefetch_bytes(r + k * st, d.P * static_cast<int64_t>(sizeof(scalar_t)));
         for (int64_t p = 0; p < d.P; ++p)
           sm[p] += (relu(static_cast<acc_t>(r[p])) + relu(static_cast<acc_t>(r[st + p]))) +
                    (relu(static_cast<acc_t>(r[2 * st + p])) + relu(static_cast<acc_t>(r[3 * st + p])));
@@ -128,6 +130,7 @@ APK_INLINE void spatial_attention(const Inputs<scalar_t>& in, int64_t b, const D
 template <typename scalar_t, typename acc_t>
 APK_INLINE const acc_t* x_row(const Inputs<scalar_t>& in, int64_t b, int64_t c, acc_t* buf) {
   const scalar_t* ptr = in.x + b * in.x_sb + c * in.x_sc;
+  if (in.xs.flat) prefetch_bytes(ptr + 8 * in.x_sc, in.xs.H * in.xs.W * static_cast<int64_t>(sizeof(scalar_t)));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (in.xs.flat) return ptr;
   }
