@@ -107,9 +107,9 @@ template <typename scalar_t, typename acc_t>
 APK_INLINE void load_seg(const BMC<scalar_t>& t, int64_t b, int64_t m, int64_t c0, int64_t n, acc_t* out) {
   const scalar_t* p = t.p + b * t.sb + m * t.sm + c0 * t.sc;
   if (t.sc == 1) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = to_acc<acc_t>(p[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i * t.sc]);
+    for (int64_t i = 0; i < n; ++i) out[i] = to_acc<acc_t>(p[i * t.sc]);
   }
 }
 

@@ -37,11 +37,11 @@ template <typename scalar_t, typename acc_t>
 APK_INLINE void load_plane(const scalar_t* ptr, const PlaneStrides& ps, acc_t* row) {
   if (ps.flat) {
     const int64_t P = ps.H * ps.W;
-    for (int64_t p = 0; p < P; ++p) row[p] = static_cast<acc_t>(ptr[p]);
+    for (int64_t p = 0; p < P; ++p) row[p] = to_acc<acc_t>(ptr[p]);
     return;
   }
   for (int64_t h = 0; h < ps.H; ++h)
-    for (int64_t w = 0; w < ps.W; ++w) row[h * ps.W + w] = static_cast<acc_t>(ptr[h * ps.sh + w * ps.sw]);
+    for (int64_t w = 0; w < ps.W; ++w) row[h * ps.W + w] = to_acc<acc_t>(ptr[h * ps.sh + w * ps.sw]);
 }
 
 // relu that keeps NaN (like torch.relu): NaN < 0 is false.
@@ -55,11 +55,11 @@ template <typename scalar_t, typename acc_t>
 APK_INLINE void add_relu_plane(const scalar_t* ptr, const PlaneStrides& ps, acc_t* s) {
   if (ps.flat) {
     const int64_t P = ps.H * ps.W;
-    for (int64_t p = 0; p < P; ++p) s[p] += relu(static_cast<acc_t>(ptr[p]));
+    for (int64_t p = 0; p < P; ++p) s[p] += relu(to_acc<acc_t>(ptr[p]));
     return;
   }
   for (int64_t h = 0; h < ps.H; ++h)
-    for (int64_t w = 0; w < ps.W; ++w) s[h * ps.W + w] += relu(static_cast<acc_t>(ptr[h * ps.sh + w * ps.sw]));
+    for (int64_t w = 0; w < ps.W; ++w) s[h * ps.W + w] += relu(to_acc<acc_t>(ptr[h * ps.sh + w * ps.sw]));
 }
 
 // out[k] = sum_p a[p] b[k * ldb + p] for k < K, each with kLanes independent partial sums (the
@@ -117,8 +117,8 @@ APK_INLINE void spatial_attention(const Inputs<scalar_t>& in, int64_t b, const D
         for (int k = 16; k < 20; ++k)  // the rows four sweeps ahead
           prefetch_bytes(r + k * st, d.P * static_cast<int64_t>(sizeof(scalar_t)));
         for (int64_t p = 0; p < d.P; ++p)
-          sm[p] += (relu(static_cast<acc_t>(r[p])) + relu(static_cast<acc_t>(r[st + p]))) +
-                   (relu(static_cast<acc_t>(r[2 * st + p])) + relu(static_cast<acc_t>(r[3 * st + p])));
+          sm[p] += (relu(to_acc<acc_t>(r[p])) + relu(to_acc<acc_t>(r[st + p]))) +
+                   (relu(to_acc<acc_t>(r[2 * st + p])) + relu(to_acc<acc_t>(r[3 * st + p])));
       }
     }
     for (; c2 < d.C2; ++c2) add_relu_plane(zm + c2 * in.z_sc2, in.zs, sm);
@@ -169,7 +169,7 @@ APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, 
   // One pass over x: t[m, :] += dg[m, c] x[c, :] and dx[c, :] = sum_m dg[m, c] s[m, :] / P.
   for (int64_t c = 0; c < d.C; ++c) {
     const acc_t* xr = x_row(in, b, c, row);
-    for (int64_t m = 0; m < d.M; ++m) w[m] = static_cast<acc_t>(dg[m * dg_sm + c * dg_sc]);
+    for (int64_t m = 0; m < d.M; ++m) w[m] = to_acc<acc_t>(dg[m * dg_sm + c * dg_sc]);
     for (int64_t p = 0; p < d.P; ++p) dx_row[p] = acc_t(0);
     for (int64_t m = 0; m < d.M; ++m) {
       const acc_t wm = w[m];

@@ -3,6 +3,9 @@
 
 #include <bit>
 #include <cstdint>
+#include <type_traits>
+
+#include <c10/util/Half.h>
 
 // APK_SIMD_CLONES: compile a hot loop function twice, for x86-64-v3 (AVX2 + FMA) and for the
 // baseline the extension is built for, and pick one at load time (GCC function multi-versioning,
@@ -47,6 +50,29 @@ APK_INLINE float select(bool c, float a, float b) {
 APK_INLINE double select(bool c, double a, double b) {
   const int64_t mask = -static_cast<int64_t>(c);
   return std::bit_cast<double>((mask & std::bit_cast<int64_t>(a)) | (~mask & std::bit_cast<int64_t>(b)));
+}
+
+// fp16 bits -> fp32, branch-free and always inlined: the same algorithm (and results) as c10's
+// fp16_ieee_to_fp32_value, which GCC would otherwise leave as a scalar call inside the AVX2 clones.
+APK_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t is_normal = -static_cast<uint32_t>(two_w >= (1u << 27));
+  return std::bit_cast<float>(sign | (is_normal & std::bit_cast<uint32_t>(normalized)) |
+                              (~is_normal & std::bit_cast<uint32_t>(denormalized)));
+}
+
+// An input element in the accumulation type.
+template <typename acc_t, typename scalar_t>
+APK_INLINE acc_t to_acc(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return static_cast<acc_t>(half_bits_to_float(v.x));
+  } else {
+    return static_cast<acc_t>(v);
+  }
 }
 
 }  // namespace apkernels
