@@ -1,0 +1,342 @@
+// CUDA kernels of DAN's two fused ops (SPEC 2.2-2.3), in one translation unit to keep the build short.
+//
+// dan_spatial_pool: g[b, m, c] = mean_p x[b, c, p] s[b, m, p],  s[b, m, p] = sum_c2 relu(z[b, m, c2, p]).
+//   channel_reduce_kernel   s (forward and backward) and t[b, m, p] = sum_c dg[b, m, c] x[b, c, p] / P
+//                           (backward): one block per (32 positions, head, image), 8 warps split the
+//                           channels, partial sums combined in shared memory in a fixed order.
+//   pool_kernel             g: one warp per (image, channel), lanes over positions, shuffle reduction.
+//   grad_x_kernel           dx[b, c, p] = sum_m dg[b, m, c] s[b, m, p] / P, elementwise.
+//   grad_z_kernel           dz[b, m, c2, p] = 1[z > 0] t[b, m, p], elementwise.
+// dan_head_fusion: one thread per (image, channel) walks the heads (online logsumexp), twice.
+// No atomics: every reduction has a fixed order, so results are deterministic run to run.
+// Inputs of any strides are read in place; outputs are contiguous; indices are int64; s and t are
+// kept in fp32 (fp64 for fp64) between kernels. dtypes: fp32, fp16, bf16 (and fp64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "ops/dan_checks.h"
+
+namespace apkernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kReduceWarps = 8;  // warps of channel_reduce_kernel
+constexpr int kPoolWarps = 8;    // warps (channels) per block of pool_kernel
+constexpr int kThreads = 256;    // elementwise kernels
+
+// Strides of x [B, C, H, W] / z [B, M, C2, H, W] (x as a 5-D view with M = 1, stride 0).
+struct View5 {
+  int64_t s0, s1, s2, s3, s4;
+};
+
+View5 view_of(const at::Tensor& t) {
+  if (t.dim() == 4) return {t.stride(0), 0, t.stride(1), t.stride(2), t.stride(3)};
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// A [B, M, C] operand ([B, C] as M = 1, stride 0).
+struct View3 {
+  int64_t s0, s1, s2;
+};
+
+View3 view3_of(const at::Tensor& t) {
+  if (t.dim() == 2) return {t.stride(0), 0, t.stride(1)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN, like torch.relu
+}
+
+__device__ __forceinline__ float exp_acc(float v) { return expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+__device__ __forceinline__ float log_acc(float v) { return logf(v); }
+__device__ __forceinline__ double log_acc(double v) { return log(v); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + exp_acc(-v));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;  // complete in lane 0
+}
+
+// out[b, m, p] = sum_k w(b, m, k) f(in[b, m, k, p]) / divisor over k < K, where
+//   kRelu (s):  in = z, f = relu, w = 1;
+//   !kRelu (t): in = x (s1 = 0), f = identity, w = dg[b, m, k].
+// Block (32, kReduceWarps): threadIdx.x picks the position, threadIdx.y a slice of k.
+template <bool kRelu, typename scalar_t, typename acc_t>
+__global__ void channel_reduce_kernel(const scalar_t* __restrict__ in, View5 iv, const scalar_t* __restrict__ w,
+                                      View3 wv, int64_t M, int64_t K, int64_t W, int64_t P, int64_t tiles,
+                                      acc_t divisor, acc_t* __restrict__ out) {
+  __shared__ acc_t partial[kReduceWarps][kWarp];
+  const int64_t block = blockIdx.x;
+  const int64_t tile = block % tiles;
+  const int64_t m = (block / tiles) % M;
+  const int64_t b = block / (tiles * M);
+  const int64_t p = tile * kWarp + threadIdx.x;
+  acc_t acc = 0;
+  if (p < P) {
+    const scalar_t* base = in + b * iv.s0 + m * iv.s1 + (p / W) * iv.s3 + (p % W) * iv.s4;
+    for (int64_t k = threadIdx.y; k < K; k += kReduceWarps) {
+      const acc_t v = static_cast<acc_t>(base[k * iv.s2]);
+      if constexpr (kRelu) {
+        acc += relu(v);
+      } else {
+        acc += static_cast<acc_t>(w[b * wv.s0 + m * wv.s1 + k * wv.s2]) * v;
+      }
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && p < P) {
+    acc_t total = partial[0][threadIdx.x];
+    for (int y = 1; y < kReduceWarps; ++y) total += partial[y][threadIdx.x];
+    out[(b * M + m) * P + p] = total / divisor;
+  }
+}
+
+// g[b, m, c] = sum_p x[b, c, p] s[b, m, p] / P: one warp per (b, c), all M heads.
+template <typename scalar_t, typename acc_t>
+__global__ void pool_kernel(const scalar_t* __restrict__ x, View5 xv, const acc_t* __restrict__ s, int64_t B,
+                            int64_t C, int64_t M, int64_t W, int64_t P, scalar_t* __restrict__ g) {
+  const int64_t bc = static_cast<int64_t>(blockIdx.x) * kPoolWarps + threadIdx.y;
+  if (bc >= B * C) return;  // uniform per warp: no shuffle below is left half-full
+  const int64_t b = bc / C, c = bc % C;
+  const scalar_t* xb = x + b * xv.s0 + c * xv.s2;
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* sm = s + (b * M + m) * P;
+    acc_t acc = 0;
+    for (int64_t p = threadIdx.x; p < P; p += kWarp)
+      acc += static_cast<acc_t>(xb[(p / W) * xv.s3 + (p % W) * xv.s4]) * sm[p];
+    acc = warp_sum(acc);
+    if (threadIdx.x == 0) g[(b * M + m) * C + c] = static_cast<scalar_t>(acc / static_cast<acc_t>(P));
+  }
+}
+
+// dx[b, c, p] = sum_m dg[b, m, c] s[b, m, p] / P, dx contiguous.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_x_kernel(const scalar_t* __restrict__ dg, View3 gv, const acc_t* __restrict__ s, int64_t C,
+                              int64_t M, int64_t P, int64_t n, scalar_t* __restrict__ dx) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = i % P, bc = i / P, c = bc % C, b = bc / C;
+    acc_t acc = 0;
+    for (int64_t m = 0; m < M; ++m)
+      acc += static_cast<acc_t>(dg[b * gv.s0 + m * gv.s1 + c * gv.s2]) * s[(b * M + m) * P + p];
+    dx[i] = static_cast<scalar_t>(acc / static_cast<acc_t>(P));
+  }
+}
+
+// dz[b, m, c2, p] = 1[z > 0] t[b, m, p], dz contiguous.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_z_kernel(const scalar_t* __restrict__ z, View5 zv, const acc_t* __restrict__ t, int64_t M,
+                              int64_t C2, int64_t W, int64_t P, int64_t n, scalar_t* __restrict__ dz) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = i % P, row = i / P, c2 = row % C2, bm = row / C2, m = bm % M, b = bm / M;
+    const acc_t v = static_cast<acc_t>(z[b * zv.s0 + m * zv.s1 + c2 * zv.s2 + (p / W) * zv.s3 + (p % W) * zv.s4]);
+    dz[i] = static_cast<scalar_t>(v > acc_t(0) ? t[bm * P + p] : acc_t(0));
+  }
+}
+
+// One thread per (b, c): h[m] = g sigmoid(a); heads = h - logsumexp_m h (M > 1); fused = sum_m heads.
+template <typename scalar_t, typename acc_t>
+__global__ void head_fusion_kernel(const scalar_t* __restrict__ g, View3 gv, const scalar_t* __restrict__ a,
+                                   View3 av, int64_t B, int64_t M, int64_t C, scalar_t* __restrict__ fused,
+                                   scalar_t* __restrict__ heads) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < B * C;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / C, c = i % C;
+    const scalar_t* gp = g + b * gv.s0 + c * gv.s2;
+    const scalar_t* ap = a + b * av.s0 + c * av.s2;
+    acc_t lse = 0;
+    if (M > 1) {  // online logsumexp: running max mx and sum of exp(h - mx)
+      acc_t mx = static_cast<acc_t>(gp[0]) * sigmoid(static_cast<acc_t>(ap[0])), sum = 1;
+      for (int64_t m = 1; m < M; ++m) {
+        const acc_t h = static_cast<acc_t>(gp[m * gv.s1]) * sigmoid(static_cast<acc_t>(ap[m * av.s1]));
+        if (h > mx) {
+          sum = sum * exp_acc(mx - h) + acc_t(1);
+          mx = h;
+        } else {
+          sum += exp_acc(h - mx);  // a NaN h lands here and makes the sum NaN
+        }
+      }
+      lse = mx + log_acc(sum);
+    }
+    acc_t total = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t h = static_cast<acc_t>(gp[m * gv.s1]) * sigmoid(static_cast<acc_t>(ap[m * av.s1])) - lse;
+      heads[(b * M + m) * C + c] = static_cast<scalar_t>(h);
+      total += h;
+    }
+    fused[i] = static_cast<scalar_t>(total);
+  }
+}
+
+// One thread per (b, c): gh = grad_heads + grad_fused; gh -= exp(heads) sum_m gh (M > 1);
+// dg = gh sig(a); da = gh g sig(a) (1 - sig(a)).
+template <typename scalar_t, typename acc_t>
+__global__ void head_fusion_backward_kernel(const scalar_t* __restrict__ grad_fused, View3 fv,
+                                            const scalar_t* __restrict__ grad_heads, View3 hv,
+                                            const scalar_t* __restrict__ g, View3 gv,
+                                            const scalar_t* __restrict__ a, View3 av,
+                                            const scalar_t* __restrict__ heads, View3 ov, int64_t B, int64_t M,
+                                            int64_t C, scalar_t* __restrict__ grad_g,
+                                            scalar_t* __restrict__ grad_gate) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < B * C;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / C, c = i % C;
+    const acc_t gf = static_cast<acc_t>(grad_fused[b * fv.s0 + c * fv.s2]);
+    const scalar_t* ghp = grad_heads + b * hv.s0 + c * hv.s2;
+    acc_t sum = 0;
+    if (M > 1)
+      for (int64_t m = 0; m < M; ++m) sum += static_cast<acc_t>(ghp[m * hv.s1]) + gf;
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t gh = static_cast<acc_t>(ghp[m * hv.s1]) + gf;
+      if (M > 1) gh -= exp_acc(static_cast<acc_t>(heads[b * ov.s0 + m * ov.s1 + c * ov.s2])) * sum;
+      const acc_t gate = sigmoid(static_cast<acc_t>(a[b * av.s0 + m * av.s1 + c * av.s2]));
+      const acc_t gm = static_cast<acc_t>(g[b * gv.s0 + m * gv.s1 + c * gv.s2]);
+      grad_g[(b * M + m) * C + c] = static_cast<scalar_t>(gh * gate);
+      grad_gate[(b * M + m) * C + c] = static_cast<scalar_t>(gh * gm * gate * (acc_t(1) - gate));
+    }
+  }
+}
+
+// Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more.
+int64_t elementwise_blocks(int64_t n) {
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  return std::max<int64_t>(1, std::min(wanted, cap));
+}
+
+// s [B, M, P] (or t, with dg) in the accumulation type.
+template <bool kRelu, typename scalar_t, typename acc_t>
+at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, int64_t M, int64_t K, int64_t W,
+                          int64_t P, acc_t divisor, const at::TensorOptions& acc_options, cudaStream_t stream) {
+  at::Tensor out = at::empty({B, M, P}, acc_options);
+  const int64_t tiles = (P + kWarp - 1) / kWarp;
+  const int64_t blocks = B * M * tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * heads * ceil(H * W / 32) = ",
+              blocks, " blocks exceed the CUDA grid limit");
+  channel_reduce_kernel<kRelu, scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kReduceWarps), 0, stream>>>(
+      in.const_data_ptr<scalar_t>(), view_of(in), w ? w->const_data_ptr<scalar_t>() : nullptr,
+      w ? view3_of(*w) : View3{0, 0, 0}, M, K, W, P, tiles, divisor, out.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
+  const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor g = at::empty({d.B, d.M, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor s =
+        channel_reduce<true, scalar_t, acc_t>(z, nullptr, d.B, d.M, d.C2, d.W, d.P, acc_t(1), acc_options, stream);
+    const int64_t blocks = (d.B * d.C + kPoolWarps - 1) / kPoolWarps;
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * C = ", d.B * d.C,
+                " exceeds the CUDA grid limit");
+    pool_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), view_of(x), s.const_data_ptr<acc_t>(), d.B, d.C, d.M, d.W, d.P,
+        g.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tensor& grad_g, const at::Tensor& x,
+                                                                  const at::Tensor& z) {
+  const char* op = "dan_spatial_pool_backward";
+  const dan::PoolDims d = dan::check_spatial_pool(op, x, z, c10::DeviceType::CUDA);
+  dan::check_spatial_pool_grad(op, grad_g, x, d);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor grad_x = at::empty({d.B, d.C, d.H, d.W}, x.options());
+  at::Tensor grad_z = at::empty({d.B, d.M, d.C2, d.H, d.W}, z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor s =
+        channel_reduce<true, scalar_t, acc_t>(z, nullptr, d.B, d.M, d.C2, d.W, d.P, acc_t(1), acc_options, stream);
+    const at::Tensor t = channel_reduce<false, scalar_t, acc_t>(x, &grad_g, d.B, d.M, d.C, d.W, d.P,
+                                                                static_cast<acc_t>(d.P), acc_options, stream);
+    const int64_t nx = grad_x.numel(), nz = grad_z.numel();
+    grad_x_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream>>>(
+        grad_g.const_data_ptr<scalar_t>(), view3_of(grad_g), s.const_data_ptr<acc_t>(), d.C, d.M, d.P, nx,
+        grad_x.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_z_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream>>>(
+        z.const_data_ptr<scalar_t>(), view_of(z), t.const_data_ptr<acc_t>(), d.M, d.C2, d.W, d.P, nz,
+        grad_z.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_z};
+}
+
+std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, const at::Tensor& gate_logits) {
+  dan::check_head_fusion("dan_head_fusion", g, gate_logits, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(g.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
+  at::Tensor fused = at::empty({B, C}, g.options());
+  at::Tensor heads = at::empty({B, M, C}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    head_fusion_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(), view3_of(gate_logits), B,
+        M, C, fused.mutable_data_ptr<scalar_t>(), heads.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {fused, heads};
+}
+
+std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tensor& grad_fused,
+                                                                 const at::Tensor& grad_heads, const at::Tensor& g,
+                                                                 const at::Tensor& gate_logits,
+                                                                 const at::Tensor& heads) {
+  const char* op = "dan_head_fusion_backward";
+  dan::check_head_fusion(op, g, gate_logits, c10::DeviceType::CUDA);
+  dan::check_head_fusion_grads(op, grad_fused, grad_heads, heads, g);
+  const c10::cuda::CUDAGuard guard(g.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
+  at::Tensor grad_g = at::empty({B, M, C}, g.options());
+  at::Tensor grad_gate = at::empty({B, M, C}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    head_fusion_backward_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+            grad_fused.const_data_ptr<scalar_t>(), view3_of(grad_fused), grad_heads.const_data_ptr<scalar_t>(),
+            view3_of(grad_heads), g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(),
+            view3_of(gate_logits), heads.const_data_ptr<scalar_t>(), view3_of(heads), B, M, C,
+            grad_g.mutable_data_ptr<scalar_t>(), grad_gate.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_g, grad_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
+  m.impl("dan_spatial_pool", &dan_spatial_pool_cuda);
+  m.impl("dan_spatial_pool_backward", &dan_spatial_pool_backward_cuda);
+  m.impl("dan_head_fusion", &dan_head_fusion_cuda);
+  m.impl("dan_head_fusion_backward", &dan_head_fusion_backward_cuda);
+}
+
+}  // namespace apkernels
