@@ -68,27 +68,6 @@ def dan_head_fusion(g: torch.Tensor, gate_logits: torch.Tensor):
 # ------------------------------------------------------------------------------------ models
 
 
-class _IRUnit(nn.Module):
-    """IR-50 unit (SPEC 1.1): BN -> conv3x3 -> PReLU -> conv3x3(stride) -> BN, plus the shortcut."""
-
-    def __init__(self, cin: int, depth: int, stride: int):
-        super().__init__()
-        self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, depth, 3, 1, 1, bias=False),
-            nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(depth),
-        )
-        if cin == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
-        else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(cin, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-
-    def forward(self, x):
-        return self.res_layer(x) + self.shortcut_layer(x)
-
-
 class _OfficialBlock(nn.Module):
     """ViT block with the official attentive token pooling between attention and MLP (SPEC 1.3)."""
 
@@ -138,13 +117,9 @@ class OfficialAPViT(nn.Module):
         num_patches = (input_size // 8) ** 2  # three stride-2 stages
         dim, heads = embed_dim, num_heads
         self.keep_patches = keep_patches
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        units, cin = [], 64
-        for depth, count in zip((64, 128, 256), backbone_units):
-            for i in range(count):
-                units.append(_IRUnit(cin, depth, 2 if i == 0 else 1))
-                cin = depth
-        self.body = nn.Sequential(*units)
+        from models.ir50 import IR50  # the backbone is the same plain PyTorch in both formulations
+
+        self.backbone = IR50(backbone_units)
         self.proj = nn.Conv2d(256, dim, 1)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
@@ -154,7 +129,7 @@ class OfficialAPViT(nn.Module):
         self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, images):
-        f = self.proj(self.body(self.input_layer(images)))  # [B, 768, 14, 14]
+        f = self.proj(self.backbone(images))  # [B, 768, 14, 14]
         if self.keep_patches < f.shape[2] * f.shape[3]:
             tokens, _ = patch_pool(f, self.keep_patches, self.patch_pos_embed)
         else:

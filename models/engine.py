@@ -109,6 +109,21 @@ class TrainStep(torch.nn.Module):
         return logits, loss, {"ce": ce.detach(), "affinity": affinity.detach(), "partition": partition.detach()}
 
 
+def add_checkpoint_arguments(parser, models: Sequence[str]) -> None:
+    """The options evaluate and predict share: which model, which checkpoint, and how to rebuild an
+    official checkpoint's model (our checkpoints record all of it)."""
+    parser.add_argument("--model", required=True, choices=models)
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a models.train checkpoint or an official APViT / DAN release (format detected)")
+    parser.add_argument("--classes", default=None, metavar="A,B,...",
+                        help="output order of an official checkpoint, if not the release's (ours carry theirs)")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help="constructor arguments for an official checkpoint's model (ours record theirs)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                        help="image side for an official checkpoint's model (default the paper's; ours record theirs)")
+    parser.add_argument("--device", default="auto")
+
+
 def autocast(device: torch.device, amp: str):
     dtype = AMP_DTYPES[amp]
     if dtype is None:

@@ -23,21 +23,12 @@ from . import engine, recipes
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=recipes.MODELS)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a models.train checkpoint or an official APViT / DAN release (format detected)")
+    engine.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--dataset", required=True, choices=fer_data.DATASETS)
     p.add_argument("--data-root", required=True, metavar="DIR")
     p.add_argument("--split", default="test", help="default test (AffectNet: its val/ folder)")
-    p.add_argument("--classes", default=None, metavar="A,B,...",
-                   help="output order of an official checkpoint, if not the release's (ours carry theirs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
-                   help="constructor arguments for an official checkpoint's model (ours record theirs)")
-    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
-                   help="image side for an official checkpoint's model (default the paper's; ours record theirs)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES))
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
     return p.parse_args(argv)

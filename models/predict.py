@@ -26,16 +26,7 @@ from . import engine, overlay, recipes
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=recipes.MODELS)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a models.train checkpoint or an official APViT / DAN release (format detected)")
-    p.add_argument("--classes", default=None, metavar="A,B,...",
-                   help="output order of an official checkpoint, if not the release's (ours carry theirs)")
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
-                   help="constructor arguments for an official checkpoint's model (ours record theirs)")
-    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
-                   help="image side for an official checkpoint's model (default the paper's; ours record theirs)")
-    p.add_argument("--device", default="auto")
+    engine.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT", help="write the predictions here as a JSON list")
