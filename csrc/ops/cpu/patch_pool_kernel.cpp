@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops/common.h"
+#include "ops/pool_checks.h"
 #include "ops/cpu/select.h"
 
 namespace apkernels::cpu {
@@ -105,19 +106,8 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cpu(const at::Tensor& x_in, int64_
   TORCH_CHECK_VALUE(N < (int64_t(1) << 32), "patch_pool: x must have fewer than 2^32 positions H*W, got ", N);
   TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
                     "] (1 to the number of positions H*W), got ", keep);
-  at::Tensor pos;
-  if (pos_in.has_value() && pos_in->defined()) {
-    const at::Tensor& p = *pos_in;
-    TORCH_CHECK_VALUE((p.dim() == 2 && p.size(0) == N && p.size(1) == C) ||
-                          (p.dim() == 3 && p.size(0) == 1 && p.size(1) == N && p.size(2) == C),
-                      "patch_pool: pos must have shape [", N, ", ", C, "] or [1, ", N, ", ", C, "] (H*W, C), got ",
-                      p.sizes());
-    TORCH_CHECK_VALUE(p.device() == x_in.device(), "patch_pool: pos must be on the same device as x (",
-                      x_in.device(), "), got ", p.device());
-    TORCH_CHECK_VALUE(p.scalar_type() == x_in.scalar_type(), "patch_pool: pos must have the same dtype as x (",
-                      x_in.scalar_type(), "), got ", p.scalar_type());
-    pos = p.reshape({N, C}).contiguous();
-  }
+  at::Tensor pos = check_patch_pos(pos_in, x_in, N, C);
+  if (pos.defined()) pos = pos.contiguous();
   // Positions must be one stride apart (true for NCHW, channels_last and their slices); anything
   // else is copied once.
   const at::Tensor x = (H == 1 || W == 1 || x_in.stride(2) == W * x_in.stride(3)) ? x_in : x_in.contiguous();

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "ops/common.h"
+#include "ops/pool_checks.h"
 #include "ops/cuda/pool_common.cuh"
 
 namespace apkernels::cuda {
@@ -168,19 +169,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
   TORCH_CHECK_VALUE(B <= INT32_MAX, "patch_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
   TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
                     "] (1 to the number of positions H*W), got ", keep);
-  at::Tensor pos;
-  if (pos_in.has_value() && pos_in->defined()) {
-    const at::Tensor& p = *pos_in;
-    TORCH_CHECK_VALUE((p.dim() == 2 && p.size(0) == N && p.size(1) == C) ||
-                          (p.dim() == 3 && p.size(0) == 1 && p.size(1) == N && p.size(2) == C),
-                      "patch_pool: pos must have shape [", N, ", ", C, "] or [1, ", N, ", ", C, "] (H*W, C), got ",
-                      p.sizes());
-    TORCH_CHECK_VALUE(p.device() == x.device(), "patch_pool: pos must be on the same device as x (", x.device(),
-                      "), got ", p.device());
-    TORCH_CHECK_VALUE(p.scalar_type() == x.scalar_type(), "patch_pool: pos must have the same dtype as x (",
-                      x.scalar_type(), "), got ", p.scalar_type());
-    pos = p.dim() == 3 ? p.select(0, 0) : p;  // a view: read through its strides
-  }
+  const at::Tensor pos = check_patch_pos(pos_in, x, N, C);  // a view: read through its strides
 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor tokens = at::empty({B, keep, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
