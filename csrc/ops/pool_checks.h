@@ -2,12 +2,42 @@
 // argument, like apkernels/ops/patch_pool.py; these also guard direct torch.ops.apkernels.* calls).
 #pragma once
 
+#include <cmath>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 namespace apkernels {
+
+// patch_pool's shapes: x [B, C, H, W] not empty, keep in [1, H*W]. Device, dtype and the kernels'
+// own size limits are checked by each kernel.
+inline void check_patch_pool_shapes(const at::Tensor& x, int64_t keep) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "patch_pool: x must be 4-D [B, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, "patch_pool: x must not be empty (B, C, H, W >= 1), got shape ", x.sizes());
+  const int64_t N = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
+                    "] (1 to the number of positions H*W), got ", keep);
+}
+
+// token_pool's shapes: x [B, N, C] with the CLS token and >= 1 patch token, q and k [B, heads, N,
+// head_dim] of one dtype, keep in [1, N-1], a finite scale. Device and dtype checks are the kernels'.
+inline void check_token_pool_shapes(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, int64_t keep,
+                                    double scale) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "token_pool: x must be 3-D [B, N, C], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, "token_pool: x must not be empty (B, N, C >= 1), got shape ", x.sizes());
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK_VALUE(N >= 2, "token_pool: x must hold the CLS token and at least one patch token (N >= 2), got N=", N);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(2) == N && k.size(1) >= 1 && k.size(3) >= 1,
+                    "token_pool: k must have shape [", B, ", heads, ", N, ", head_dim] (B, N of x), got ", k.sizes());
+  TORCH_CHECK_VALUE(q.sizes() == k.sizes(), "token_pool: q must have the same shape as k ", k.sizes(), ", got ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type(), "token_pool: k must have the same dtype as q (",
+                    q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK_VALUE(keep >= 1 && keep <= N - 1, "token_pool: keep must be in [1, ", N - 1,
+                    "] (1 to the number of patch tokens N-1), got ", keep);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "token_pool: scale must be a finite float, got ", scale);
+}
 
 // patch_pool's position embedding: None, [N, C] or [1, N, C], on x's device with x's dtype.
 // Returns an undefined tensor for None, else an [N, C] view of it (no copy).

@@ -97,15 +97,11 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cpu(const at::Tensor& x_in, int64_
   TORCH_CHECK_VALUE(at::isFloatingType(x_in.scalar_type()),
                     "patch_pool: x must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
                     x_in.scalar_type());
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "patch_pool: x must be 4-D [B, C, H, W], got shape ", x_in.sizes());
-  TORCH_CHECK_VALUE(x_in.numel() > 0, "patch_pool: x must not be empty (B, C, H, W >= 1), got shape ",
-                    x_in.sizes());
+  check_patch_pool_shapes(x_in, keep);
   const ScoreKind kind = parse_patch_score(std::string(score));
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t N = H * W;
   TORCH_CHECK_VALUE(N < (int64_t(1) << 32), "patch_pool: x must have fewer than 2^32 positions H*W, got ", N);
-  TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
-                    "] (1 to the number of positions H*W), got ", keep);
   at::Tensor pos = check_patch_pos(pos_in, x_in, N, C);
   if (pos.defined()) pos = pos.contiguous();
   // Positions must be one stride apart (true for NCHW, channels_last and their slices); anything

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops/common.h"
+#include "ops/pool_checks.h"
 #include "ops/cpu/select.h"
 
 namespace apkernels::cpu {
@@ -25,20 +26,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
                       " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
                       t.scalar_type());
   }
-  TORCH_CHECK_VALUE(x.dim() == 3, "token_pool: x must be 3-D [B, N, C], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, "token_pool: x must not be empty (B, N, C >= 1), got shape ", x.sizes());
-  const int64_t B = x.size(0), N = x.size(1);
-  TORCH_CHECK_VALUE(N >= 2, "token_pool: x must hold the CLS token and at least one patch token (N >= 2), got N=", N);
-  TORCH_CHECK_VALUE(N - 1 < (int64_t(1) << 32), "token_pool: x must have fewer than 2^32 patch tokens, got ", N - 1);
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(2) == N && k.size(1) >= 1 && k.size(3) >= 1,
-                    "token_pool: k must have shape [", B, ", heads, ", N, ", head_dim] (B, N of x), got ", k.sizes());
-  TORCH_CHECK_VALUE(q.sizes() == k.sizes(), "token_pool: q must have the same shape as k ", k.sizes(), ", got ",
-                    q.sizes());
-  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type(), "token_pool: k must have the same dtype as q (",
-                    q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK_VALUE(keep >= 1 && keep <= N - 1, "token_pool: keep must be in [1, ", N - 1,
-                    "] (1 to the number of patch tokens N-1), got ", keep);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "token_pool: scale must be a finite float, got ", scale);
+  check_token_pool_shapes(x, q, k, keep, scale);
+  TORCH_CHECK_VALUE(x.size(1) - 1 < (int64_t(1) << 32), "token_pool: x must have fewer than 2^32 patch tokens, got ",
+                    x.size(1) - 1);
 }
 
 // Scores of tokens 1..N-1 of one batch item: score[j-1] = reduce_h (q[h, 0] . k[h, j]) * scale.

@@ -160,15 +160,12 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t keep,
                                                    const std::optional<at::Tensor>& pos_in, c10::string_view score) {
   check_cuda_float("patch_pool", "x", x);
-  TORCH_CHECK_VALUE(x.dim() == 4, "patch_pool: x must be 4-D [B, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, "patch_pool: x must not be empty (B, C, H, W >= 1), got shape ", x.sizes());
+  check_patch_pool_shapes(x, keep);
   const ScoreKind kind = parse_patch_score(std::string(score));
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t N = H * W;
   TORCH_CHECK_VALUE(N <= kMaxPositions, "patch_pool: the CUDA kernel takes at most 2^30 positions H*W, got ", N);
   TORCH_CHECK_VALUE(B <= INT32_MAX, "patch_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
-  TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
-                    "] (1 to the number of positions H*W), got ", keep);
   const at::Tensor pos = check_patch_pos(pos_in, x, N, C);  // a view: read through its strides
 
   c10::cuda::CUDAGuard device_guard(x.device());

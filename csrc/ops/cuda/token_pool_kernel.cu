@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "ops/common.h"
+#include "ops/pool_checks.h"
 #include "ops/cuda/pool_common.cuh"
 
 namespace apkernels::cuda {
@@ -96,27 +97,16 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k,
                                                    int64_t keep, double scale, c10::string_view score) {
   check_cuda_float("token_pool", "x", x);
-  TORCH_CHECK_VALUE(x.dim() == 3, "token_pool: x must be 3-D [B, N, C], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, "token_pool: x must not be empty (B, N, C >= 1), got shape ", x.sizes());
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK_VALUE(N >= 2, "token_pool: x must hold the CLS token and at least one patch token (N >= 2), got N=", N);
-  TORCH_CHECK_VALUE(N <= kMaxTokens, "token_pool: the CUDA kernel takes at most 2^30 tokens, got N=", N);
-  TORCH_CHECK_VALUE(B <= INT32_MAX, "token_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
   TORCH_CHECK_VALUE(q.device() == x.device(), "token_pool: q must be on the same device as x (", x.device(), "), got ",
                     q.device());
   TORCH_CHECK_VALUE(k.device() == x.device(), "token_pool: k must be on the same device as x (", x.device(), "), got ",
                     k.device());
   check_cuda_float("token_pool", "q", q);
   check_cuda_float("token_pool", "k", k);
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(2) == N && k.size(1) >= 1 && k.size(3) >= 1,
-                    "token_pool: k must have shape [", B, ", heads, ", N, ", head_dim] (B, N of x), got ", k.sizes());
-  TORCH_CHECK_VALUE(q.sizes() == k.sizes(), "token_pool: q must have the same shape as k ", k.sizes(), ", got ",
-                    q.sizes());
-  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type(), "token_pool: k must have the same dtype as q (",
-                    q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK_VALUE(keep >= 1 && keep <= N - 1, "token_pool: keep must be in [1, ", N - 1,
-                    "] (1 to the number of patch tokens N-1), got ", keep);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "token_pool: scale must be a finite float, got ", scale);
+  check_token_pool_shapes(x, q, k, keep, scale);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  TORCH_CHECK_VALUE(N <= kMaxTokens, "token_pool: the CUDA kernel takes at most 2^30 tokens, got N=", N);
+  TORCH_CHECK_VALUE(B <= INT32_MAX, "token_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
   const ScoreKind kind = parse_token_score(std::string(score));
 
   c10::cuda::CUDAGuard device_guard(x.device());
