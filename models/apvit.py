@@ -22,6 +22,7 @@ from apkernels.nn import AttentivePatchPool, AttentiveTokenPool
 
 from .checkpoint import LoadReport, checkpoint_meta, load_matching, read_checkpoint, unwrap_state_dict
 from .classes import default_classes
+from .images import check_image_dtype
 from .ir50 import IR50, face_evolve_to_staged
 
 APVIT_KEEP_RATES = (1, 1, 1, 1, 0.9, 0.9, 0.9, 0.9)
@@ -237,6 +238,7 @@ class APViT(nn.Module):
         return counts
 
     def forward(self, images: torch.Tensor, return_pooling: bool = False):
+        check_image_dtype("APViT", images, self.image_mean, self.image_std)
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.input_size, self.input_size):
             raise ValueError(
                 f"APViT: images must be [B, 3, {self.input_size}, {self.input_size}], got {tuple(images.shape)}"

@@ -17,6 +17,7 @@ from apkernels.nn import MultiHeadCrossAttention
 
 from .checkpoint import LoadReport, compare_state, copy_state, unwrap_state_dict
 from .classes import default_classes
+from .images import check_image_dtype
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # 0-1 scale (SPEC 2)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -61,6 +62,7 @@ class DAN(nn.Module):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"DAN: images must be [B, 3, H, W] (224 x 224 for the released models), got {got}")
+        check_image_dtype("DAN", images, self.image_mean, self.image_std)
 
     def forward(self, images: torch.Tensor):
         self._check_images(images)

@@ -5,7 +5,9 @@
 
 The defaults are the papers' recipes (SPEC 1.6, 2.5; `models/recipes.py`). Every epoch RUN_DIR gets a
 line in metrics.jsonl, curves.png (loss and accuracy), and last.pt (written atomically); best.pt is the
-epoch with the best test accuracy. `--resume RUN_DIR/last.pt` continues the run exactly.
+epoch with the best test accuracy. `--resume RUN_DIR/last.pt` continues the run exactly; `--resume auto`
+continues from RUN_DIR/last.pt when there is one, else starts fresh: under `torchrun --max-restarts N`
+a group restarted after a process died resumes by itself, losing at most the epoch it was in.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 
@@ -48,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per local rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES), help="autocast dtype (fp16 adds loss scaling)")
-    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pt / best.pt of this tool")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue from a last.pt / best.pt of this tool; 'auto': from RUN_DIR/last.pt when it "
+                        "exists (same model, dataset and recipe, else an error), else start fresh")
     p.add_argument("--pretrained", nargs="+", default=None, metavar="[NAME=]PATH",
                    help="initial weights for the model's load_pretrained, NAME=PATH for a keyword (APViT: "
                         "ir50=backbone_ir50_ms1m_epoch120.pth vit=vit_small_p16_224-15ec54c9.pth; DAN: "
@@ -132,7 +137,32 @@ def _log(rank: int, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+# Test hook: "RANK:EPOCH:BATCH:MARKER" makes process RANK SIGKILL itself at that (0-based) epoch
+# and batch, once (MARKER records that it happened), as a crashed or OOM-killed worker would die.
+KILL_HOOK_ENV = "MODELS_TRAIN_KILL_AT"
+
+
+def _kill_hook(rank: int, epoch: int, batch: int) -> None:
+    spec = os.environ.get(KILL_HOOK_ENV)
+    if not spec:
+        return
+    at_rank, at_epoch, at_batch, marker = spec.split(":", 3)
+    if (rank, epoch, batch) == (int(at_rank), int(at_epoch), int(at_batch)) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint to continue from: --resume's path, RUN_DIR/last.pt for --resume auto when it
+    exists (every process of a restarted torchrun group finds the same one), else None."""
+    if args.resume != "auto":
+        return args.resume
+    last = os.path.join(args.out, "last.pt")
+    return last if os.path.isfile(last) else None
+
+
 def train(args, rank: int, world: int, device: torch.device) -> dict:
+    args.resume = resolve_resume(args)
     resume = engine.load_checkpoint_file(args.resume) if args.resume else None
     if resume is not None:
         if not engine.is_our_checkpoint(resume):
@@ -221,7 +251,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, count, affinity, partition
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=rank != 0, leave=False)
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar):
+            _kill_hook(rank, epoch, batch)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with engine.autocast(device, args.amp):

@@ -25,8 +25,11 @@ def check_like(op: str, name: str, t, ref_name: str, ref, dtype: bool = True) ->
 
 
 def check_nonempty(op: str, name: str, t, dims: str) -> None:
-    if t.numel() == 0:
-        raise ValueError(f"{op}: {name} must not be empty ({dims} >= 1), got shape {tuple(t.shape)}")
+    """Every dimension but the batch (dim 0) must be >= 1: an empty batch gives empty outputs."""
+    if 0 in t.shape[1:]:
+        raise ValueError(
+            f"{op}: {name} must not be empty ({dims} >= 1; the batch B may be 0), got shape {tuple(t.shape)}"
+        )
 
 
 def check_keep(op: str, keep, low: int, high: int, what: str) -> None:

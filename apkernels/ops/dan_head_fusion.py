@@ -10,7 +10,7 @@ OP = "dan_head_fusion"
 
 def validate(g, gate_logits) -> None:
     _common.check_tensor(OP, "g", g, 3, "[B, heads, C]")
-    _common.check_nonempty(OP, "g", g, "B, heads, C")
+    _common.check_nonempty(OP, "g", g, "heads, C")
     _common.check_tensor(OP, "gate_logits", gate_logits, 3, "[B, heads, C]")
     if tuple(gate_logits.shape) != tuple(g.shape):
         raise ValueError(

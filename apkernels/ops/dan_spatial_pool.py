@@ -10,9 +10,9 @@ OP = "dan_spatial_pool"
 
 def validate(x, z) -> None:
     _common.check_tensor(OP, "x", x, 4, "[B, C, H, W]")
-    _common.check_nonempty(OP, "x", x, "B, C, H, W")
+    _common.check_nonempty(OP, "x", x, "C, H, W")
     _common.check_tensor(OP, "z", z, 5, "[B, heads, C2, H, W]")
-    _common.check_nonempty(OP, "z", z, "B, heads, C2, H, W")
+    _common.check_nonempty(OP, "z", z, "heads, C2, H, W")
     B, _, H, W = x.shape
     if z.shape[0] != B or tuple(z.shape[3:]) != (H, W):
         raise ValueError(

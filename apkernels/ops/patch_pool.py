@@ -11,7 +11,7 @@ OP = "patch_pool"
 
 def validate(x, keep, pos, score) -> None:
     _common.check_tensor(OP, "x", x, 4, "[B, C, H, W]")
-    _common.check_nonempty(OP, "x", x, "B, C, H, W")
+    _common.check_nonempty(OP, "x", x, "C, H, W")
     B, C, H, W = x.shape
     N = H * W
     _common.check_keep(OP, keep, 1, N, "1 to the number of positions H*W")

@@ -11,7 +11,7 @@ OP = "token_pool"
 
 def validate(x, q, k, keep, scale, score) -> None:
     _common.check_tensor(OP, "x", x, 3, "[B, N, C]")
-    _common.check_nonempty(OP, "x", x, "B, N, C")
+    _common.check_nonempty(OP, "x", x, "N, C")
     B, N, C = x.shape
     if N < 2:
         raise ValueError(f"{OP}: x must hold the CLS token and at least one patch token (N >= 2), got N={N}")

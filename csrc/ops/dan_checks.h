@@ -33,8 +33,10 @@ inline PoolDims check_spatial_pool(const char* op, const at::Tensor& x, const at
                                    c10::DeviceType device) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK_VALUE(z.dim() == 5, op, ": z must be 5-D [B, heads, C2, H, W], got shape ", z.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, op, ": x must not be empty (B, C, H, W >= 1), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(z.numel() > 0, op, ": z must not be empty (B, heads, C2, H, W >= 1), got shape ", z.sizes());
+  TORCH_CHECK_VALUE(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
+                    ": x must not be empty (C, H, W >= 1; the batch B may be 0), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(z.size(1) > 0 && z.size(2) > 0, op,
+                    ": z must not be empty (heads, C2, H, W >= 1; the batch B may be 0), got shape ", z.sizes());
   TORCH_CHECK_VALUE(z.size(0) == x.size(0) && z.size(3) == x.size(2) && z.size(4) == x.size(3), op,
                     ": z must have shape [", x.size(0), ", heads, C2, ", x.size(2), ", ", x.size(3),
                     "] (B, H, W of x), got ", z.sizes());
@@ -55,7 +57,8 @@ inline void check_spatial_pool_grad(const char* op, const at::Tensor& grad_g, co
 inline void check_head_fusion(const char* op, const at::Tensor& g, const at::Tensor& gate_logits,
                               c10::DeviceType device) {
   TORCH_CHECK_VALUE(g.dim() == 3, op, ": g must be 3-D [B, heads, C], got shape ", g.sizes());
-  TORCH_CHECK_VALUE(g.numel() > 0, op, ": g must not be empty (B, heads, C >= 1), got shape ", g.sizes());
+  TORCH_CHECK_VALUE(g.size(1) > 0 && g.size(2) > 0, op,
+                    ": g must not be empty (heads, C >= 1; the batch B may be 0), got shape ", g.sizes());
   check_float_on(op, "g", g, device);
   TORCH_CHECK_VALUE(gate_logits.sizes() == g.sizes(), op, ": gate_logits must have the shape of g ", g.sizes(),
                     ", got ", gate_logits.sizes());

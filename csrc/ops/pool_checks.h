@@ -10,11 +10,12 @@
 
 namespace apkernels {
 
-// patch_pool's shapes: x [B, C, H, W] not empty, keep in [1, H*W]. Device, dtype and the kernels'
+// patch_pool's shapes: x [B, C, H, W] with C, H, W >= 1 (an empty batch B == 0 is valid), keep in [1, H*W]. Device, dtype and the kernels'
 // own size limits are checked by each kernel.
 inline void check_patch_pool_shapes(const at::Tensor& x, int64_t keep) {
   TORCH_CHECK_VALUE(x.dim() == 4, "patch_pool: x must be 4-D [B, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, "patch_pool: x must not be empty (B, C, H, W >= 1), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
+                    "patch_pool: x must not be empty (C, H, W >= 1; the batch B may be 0), got shape ", x.sizes());
   const int64_t N = x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(keep >= 1 && keep <= N, "patch_pool: keep must be in [1, ", N,
                     "] (1 to the number of positions H*W), got ", keep);
@@ -25,7 +26,8 @@ inline void check_patch_pool_shapes(const at::Tensor& x, int64_t keep) {
 inline void check_token_pool_shapes(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, int64_t keep,
                                     double scale) {
   TORCH_CHECK_VALUE(x.dim() == 3, "token_pool: x must be 3-D [B, N, C], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() > 0, "token_pool: x must not be empty (B, N, C >= 1), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) > 0 && x.size(2) > 0,
+                    "token_pool: x must not be empty (N, C >= 1; the batch B may be 0), got shape ", x.sizes());
   const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK_VALUE(N >= 2, "token_pool: x must hold the CLS token and at least one patch token (N >= 2), got N=", N);
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(2) == N && k.size(1) >= 1 && k.size(3) >= 1,

@@ -243,6 +243,7 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor g = at::empty({d.B, d.M, d.C}, x.options());
+  if (d.B == 0) return g;  // an empty batch: no zero-sized grid
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -268,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_x = at::empty({d.B, d.C, d.H, d.W}, x.options());
   at::Tensor grad_z = at::empty({d.B, d.M, d.C2, d.H, d.W}, z.options());
+  if (d.B == 0) return {grad_x, grad_z};  // an empty batch: no zero-sized grid
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -295,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, con
   const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
   at::Tensor fused = at::empty({B, C}, g.options());
   at::Tensor heads = at::empty({B, M, C}, g.options());
+  if (B == 0) return {fused, heads};  // an empty batch: nothing to launch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     head_fusion_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
@@ -317,6 +320,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
   const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
   at::Tensor grad_g = at::empty({B, M, C}, g.options());
   at::Tensor grad_gate = at::empty({B, M, C}, g.options());
+  if (B == 0) return {grad_g, grad_gate};  // an empty batch: nothing to launch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     head_fusion_backward_kernel<scalar_t, acc_t>

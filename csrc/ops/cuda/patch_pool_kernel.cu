@@ -171,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor tokens = at::empty({B, keep, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor index = at::empty({B, keep}, x.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0) return {tokens, index};  // an empty batch: no zero-sized grid
 
   PatchArgs a;
   a.C = C;

@@ -113,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
   at::Tensor tokens = at::empty({B, keep + 1, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor index =
       at::empty({B, keep + 1}, x.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0) return {tokens, index};  // an empty batch: no zero-sized grid
 
   TokenArgs a;
   a.N = N;
