@@ -179,6 +179,9 @@ def test_models_classify_an_empty_batch(backend):
         logits, features, heads = dan(torch.randn(0, 3, 32, 32))
     assert logits.shape == (0, 7) and features.shape == (0, 512, 1, 1) and heads.shape == (0, 4, 512)
 
-    images = torch.randn(0, 3, 32, 32, requires_grad=True)
-    apvit.eval()(images).sum().backward()
-    assert images.grad.shape == images.shape
+    for model in (apvit, dan):  # training: gradients of the right shape, BatchNorm statistics intact
+        images = torch.randn(0, 3, 32, 32, requires_grad=True)
+        out = model.train()(images)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert images.grad.shape == images.shape
+        assert all(buf.isfinite().all() for buf in model.buffers() if buf.is_floating_point())

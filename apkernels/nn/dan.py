@@ -163,7 +163,9 @@ class MultiHeadCrossAttention(nn.Module):
             h = torch.baddbmm(self.fused_ca_bias1.unsqueeze(1), g_heads, self.fused_ca_weight1.transpose(1, 2))
         else:
             h = torch.baddbmm(self.ca_bias1.unsqueeze(1), g_heads, self.ca_weight1.transpose(1, 2))
-            h = self.ca_bn(h.transpose(0, 1).reshape(B, -1)).view(B, self.num_heads, -1).transpose(0, 1)
+            hidden = h.shape[-1]  # explicit sizes: a -1 is ambiguous for an empty batch
+            h = self.ca_bn(h.transpose(0, 1).reshape(B, self.num_heads * hidden))
+            h = h.view(B, self.num_heads, hidden).transpose(0, 1)
         h = h.relu()
         logits = torch.baddbmm(self.ca_bias2.unsqueeze(1), h, self.ca_weight2.transpose(1, 2))  # [M, B, C]
         return logits.transpose(0, 1)
