@@ -110,7 +110,7 @@ def dan_spatial_pool_backward(grad_g, x, z):
     s = dan_spatial_attention(z32)  # [B, M, P]
     grad_x = torch.einsum("bmc,bmp->bcp", g, s) / P
     t = torch.einsum("bmc,bcp->bmp", g, x32) / P
-    grad_z = (z32 > 0).to(acc) * t.unsqueeze(2)
+    grad_z = torch.where(z32 <= 0, 0.0, t.unsqueeze(2))  # torch.relu's gradient (a select: NaN z passes t)
     return grad_x.reshape(x.shape).to(x.dtype), grad_z.reshape(z.shape).to(z.dtype)
 
 

@@ -91,7 +91,7 @@ def _dan_backward_heads_kernel(
         c2 = (c0 + rows2).to(tl.int64)
         mask = (c2 < C2)[:, None] & in_p[None, :]
         zv = tl.load(z_ptr + z_base + c2[:, None] * sz_c + z_offset[None, :], mask=mask, other=0.0)
-        dz = (zv > 0).to(ACC) * t[None, :]  # a product, not a select: NaN in t propagates as in torch
+        dz = tl.where(zv <= 0, 0.0, t[None, :])  # torch.relu's gradient: 0 where z <= 0 (even if t is NaN), t at NaN z
         tl.store(dz_ptr + dz_base + c2[:, None] * P + p[None, :], _common.round_to(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 

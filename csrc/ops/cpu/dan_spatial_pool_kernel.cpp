@@ -190,7 +190,8 @@ APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, 
     for (int64_t c2 = 0; c2 < d.C2; ++c2) {
       load_plane(in.z + b * in.z_sb + m * in.z_sm + c2 * in.z_sc2, in.zs, row);
       scalar_t* out = dz + ((b * d.M + m) * d.C2 + c2) * d.P;
-      for (int64_t p = 0; p < d.P; ++p) out[p] = static_cast<scalar_t>(select(row[p] > acc_t(0), tm[p], acc_t(0)));
+      // torch.relu's gradient: 0 where z <= 0 even if t is not finite, t where z is NaN.
+      for (int64_t p = 0; p < d.P; ++p) out[p] = static_cast<scalar_t>(select(row[p] <= acc_t(0), acc_t(0), tm[p]));
     }
   }
 }

@@ -148,7 +148,7 @@ __global__ void grad_z_kernel(const scalar_t* __restrict__ z, View5 zv, const ac
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = i % P, row = i / P, c2 = row % C2, bm = row / C2, m = bm % M, b = bm / M;
     const acc_t v = static_cast<acc_t>(z[b * zv.s0 + m * zv.s1 + c2 * zv.s2 + (p / W) * zv.s3 + (p % W) * zv.s4]);
-    dz[i] = static_cast<scalar_t>(v > acc_t(0) ? t[bm * P + p] : acc_t(0));
+    dz[i] = static_cast<scalar_t>(v <= acc_t(0) ? acc_t(0) : t[bm * P + p]);  // torch.relu's gradient at NaN z: t
   }
 }
 
