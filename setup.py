@@ -141,9 +141,15 @@ def write_build_config():
 
 write_build_config()
 
+def read_version():
+    """apkernels/_version.py's __version__ (the one place the version is written)."""
+    with open(os.path.join(ROOT, "apkernels", "_version.py")) as fh:
+        return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
+
+
 setup(
     name="apkernels",
-    version="0.1.0",
+    version=read_version(),
     description="Fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels for PyTorch",
     packages=find_packages(include=["apkernels", "apkernels.*"]),
     package_data={"apkernels": ["_build_config.json"]},

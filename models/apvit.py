@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apkernels import _backend
+from apkernels import BACKENDS
 from apkernels.nn import AttentivePatchPool, AttentiveTokenPool
 
 from .checkpoint import LoadReport, checkpoint_meta, load_matching, read_checkpoint, unwrap_state_dict
@@ -192,8 +192,8 @@ class APViT(nn.Module):
                  embed_dim: int = 768, num_heads: int = 8, mlp_ratio: float = 3.0,
                  backbone_units=(3, 4, 14), input_size: int = INPUT_SIZE, classes=None):
         super().__init__()
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"APViT: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"APViT: backend must be one of {BACKENDS}, got {backend!r}")
         if len(tuple(backbone_units)) != 3:
             raise ValueError(f"APViT: backbone_units must give the units of three IR-50 stages, got {backbone_units}")
         grid = (input_size // BACKBONE_STRIDE, input_size // BACKBONE_STRIDE)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from apkernels import _backend
+from apkernels import BACKENDS
 from apkernels.nn import MultiHeadCrossAttention
 
 from .checkpoint import LoadReport, compare_state, copy_state, unwrap_state_dict
@@ -42,8 +42,8 @@ class DAN(nn.Module):
 
     def __init__(self, num_classes: int = 7, num_heads: int = 4, backend: str = "auto", *, classes=None):
         super().__init__()
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"DAN: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"DAN: backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"DAN: num_classes must be a positive int, got {num_classes!r}")
         self.num_classes, self.num_heads, self.backend = num_classes, num_heads, backend
