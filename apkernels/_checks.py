@@ -49,7 +49,7 @@ def check_keep(op: str, keep, low: int, high: int, what: str) -> None:
 
 def check_choice(op: str, name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_scale(op: str, scale) -> None:
