@@ -64,9 +64,7 @@ def test_every_op_list_derives_from_the_registry():
 def test_schemas_take_symint_keep():
     """The output shape depends on keep: a SymInt, so torch.compile can keep it dynamic."""
     for op in ("patch_pool", "token_pool"):
-        schema = getattr(torch.ops.apkernels, op).default._schema
-        keep = next(a for a in schema.arguments if a.name == "keep")
-        assert str(keep.type) == "SymInt", (op, keep.type)
+        assert "SymInt keep" in str(getattr(torch.ops.apkernels, op).default._schema), op
 
 
 # --- one message for a bad argument, whichever path catches it ----------------------------------------
