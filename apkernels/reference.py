@@ -47,7 +47,7 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def patch_pool(x: torch.Tensor, keep: int, pos: torch.Tensor | None = None, score: str = "sum_abs"):
-    """APViT attentive patch pooling (SPEC 1.2): (tokens [B, keep, C], index [B, keep])."""
+    """APViT attentive patch pooling: (tokens [B, keep, C], index [B, keep])."""
     B, C, H, W = x.shape
     tokens = x.flatten(2).transpose(1, 2)
     if pos is not None:
@@ -71,7 +71,7 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scale: float, score: str) -> 
 
 
 def token_pool(x, q, k, keep: int, scale: float, score: str = "sum"):
-    """APViT attentive token pooling (SPEC 1.3 step 2): (tokens [B, keep+1, C], index [B, keep+1])."""
+    """APViT attentive token pooling: (tokens [B, keep+1, C], index [B, keep+1])."""
     with torch.no_grad():
         top = select_topk(token_scores(q.detach(), k.detach(), scale, score), keep) + 1
         index = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)

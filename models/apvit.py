@@ -1,7 +1,7 @@
-"""APViT: IR-50 (3 stages) -> Attentive Patch Pooling -> ViT with Attentive Token Pooling (SPEC 1).
+"""APViT: IR-50 (3 stages) -> Attentive Patch Pooling -> ViT with Attentive Token Pooling.
 
 Module and parameter names follow the official checkpoint (``extractor.*``, ``vit.*``,
-``head.fc.*``, SPEC 1.4), so ``model.state_dict()`` has exactly its 389 keys, in its order.
+``head.fc.*``), so ``model.state_dict()`` has exactly its 389 keys, in its order.
 
 backend="auto": attention through ``F.scaled_dot_product_attention`` (no N x N matrix) and the
 pooling ops on the fastest apkernels backend; the token-pooling kernel reads the CLS row of q and
@@ -27,7 +27,7 @@ from .ir50 import IR50, face_evolve_to_staged
 APVIT_KEEP_RATES = (1, 1, 1, 1, 0.9, 0.9, 0.9, 0.9)
 INPUT_SIZE = 112
 BACKBONE_STRIDE = 8  # three stride-2 stages: 112 -> 14
-# SPEC 1 normalises 0-255 images with mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375):
+# APViT normalises 0-255 images with mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375):
 # the ImageNet statistics, given here on the 0-1 scale (as for DAN).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -264,7 +264,7 @@ class APViT(nn.Module):
         return report
 
     def load_pretrained(self, ir50=None, vit=None, strict: bool = True) -> list:
-        """Training initialisation (SPEC 1.4): the face.evoLVe IR-50 (``body.0`` .. ``body.23``
+        """Training initialisation: the face.evoLVe IR-50 (``body.0`` .. ``body.23``
         flat; stage 4 and the output layer ignored) and/or timm's legacy ``vit_small_p16_224``
         (``pos_embed`` split into CLS / patch rows, the patch grid bilinearly resized when it
         differs; ``patch_embed`` and ``head`` dropped; ``vit.projs`` and ``head.fc`` stay as they

@@ -3,7 +3,7 @@
 Every dataset yields (image tensor, label) where the label indexes the MODEL's class list: the
 datasets carry their own label order (RAF-DB 1..7 = Surprise, Fear, ...; AffectNet folders 0..7 =
 Neutral, Happiness, ...) and are mapped by class NAME, because APViT and DAN order their outputs
-differently (SPEC 1.5, 2.5).
+differently.
 """
 from __future__ import annotations
 

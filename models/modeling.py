@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 
 def model_classes(model: str, dataset: str | None, num_classes: int) -> list[str]:
-    """The output order a model trained on `dataset` uses: APViT always its own order (SPEC 1.5);
-    DAN RAF-DB's label order on RAF-DB and AffectNet's folder order on AffectNet (SPEC 2.5)."""
+    """The output order a model trained on `dataset` uses: APViT always its own order;
+    DAN RAF-DB's label order on RAF-DB and AffectNet's folder order on AffectNet."""
     from . import classes as C
 
     if model == "dan" and dataset == "affectnet":
