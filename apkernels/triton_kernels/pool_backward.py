@@ -23,12 +23,16 @@ def _scatter_add_rows_kernel(
     b = tl.program_id(0).to(tl.int64)
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = c < C
-    for k in range(0, K):
-        row = tl.load(index_ptr + b * si_b + k * si_k)
+    index_at = index_ptr + b * si_b  # advanced by one entry per step (64-bit pointer arithmetic)
+    grad_at = grad_ptr + b * sg_b + c * sg_c
+    for _ in range(0, K):
+        row = tl.load(index_at)
         dst = rows_ptr + b * sr_b + row * sr_n + c * sr_c
-        v = tl.load(grad_ptr + b * sg_b + k * sg_k + c * sg_c, mask=mask, other=0.0)
+        v = tl.load(grad_at, mask=mask, other=0.0)
         # The same program (and lane) wrote any earlier value of this row: the read sees it.
-        tl.store(dst, tl.load(dst, mask=mask, other=0.0) + v.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst, tl.load(dst, mask=mask, other=0.0) + v.to(rows_ptr.dtype.element_ty), mask=mask)
+        index_at += si_k
+        grad_at += sg_k
 
 
 @triton.jit
