@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import _extension
+from . import _extension, _library
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 ENV_VAR = "APKERNELS_BACKEND"
@@ -62,6 +62,11 @@ AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 # dtypes the GPU backends (CUDA, Triton) implement; "auto" sends anything else to the reference.
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def op_suffix(backend: str, device: torch.device) -> str:
+    """The suffix of the `torch.ops.apkernels` op that runs a resolved backend on `device`."""
+    return _library.TRITON_SUFFIX if backend == "triton" else ""
 
 
 def _unavailable_reason(op: str, backend: str, device: torch.device):

@@ -86,11 +86,14 @@ SCHEMAS = {op.name: op.schema for op in OP_TABLE}
 MODULES = tuple(dict.fromkeys(op.module for op in OP_TABLE))
 
 TRITON_SUFFIX = "_triton"
+# Every op exists once per suffix: "" (the compiled CPU / CUDA kernels, or the reference fallback)
+# and "_triton"; fake and autograd registrations (ops/_register.py) cover each.
+OP_SUFFIXES = ("", TRITON_SUFFIX)
 
 LIB = torch.library.Library("apkernels", "DEF")
 for _op in OP_TABLE:
-    LIB.define(_op.name + _op.schema)
-    LIB.define(_op.name + TRITON_SUFFIX + _op.schema)
+    for _suffix in OP_SUFFIXES:
+        LIB.define(_op.name + _suffix + _op.schema)
 
 
 def qualname(name: str) -> str:

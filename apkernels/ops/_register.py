@@ -10,10 +10,10 @@ import torch
 from .. import _backend, _extension, _library, reference
 
 
-def kernel(name: str, backend: str):
-    """The op a concrete backend runs: `<name>_triton` for Triton, else the native op (the CPU /
-    CUDA kernels of apkernels._C, or their reference fallbacks)."""
-    return getattr(torch.ops.apkernels, name + (_library.TRITON_SUFFIX if backend == "triton" else ""))
+def kernel(name: str, backend: str, device) -> object:
+    """The op a concrete backend runs on `device`: `<name>_triton` for Triton, else the native op
+    (the CPU / CUDA kernels of apkernels._C, or their reference fallbacks)."""
+    return getattr(torch.ops.apkernels, name + _backend.op_suffix(backend, torch.device(device)))
 
 
 def call(name: str, backend, like: torch.Tensor, *args):
@@ -22,7 +22,7 @@ def call(name: str, backend, like: torch.Tensor, *args):
     chosen = _backend.resolve(name, backend, like.device, like.dtype)
     if chosen == "reference":
         return getattr(reference, name)(*args)
-    return kernel(name, chosen)(*args)
+    return kernel(name, chosen, like.device)(*args)
 
 
 def _register_fallbacks(name: str) -> None:
@@ -40,7 +40,7 @@ def register_op(name: str, *, fake, setup_context=None, backward=None, backward_
     backward_fake: the fake kernel of the backward op when this module implements it too.
     """
     op_def = _library.OP_DEFS[name]
-    for suffix in ("", _library.TRITON_SUFFIX):
+    for suffix in _library.OP_SUFFIXES:
         torch.library.register_fake(_library.qualname(name + suffix))(fake)
         if backward_fake is not None:
             torch.library.register_fake(_library.qualname(op_def.backward + suffix))(backward_fake)
