@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 export MAX_JOBS
 PYTEST_ARGS ?=
+THOROUGH_ARGS ?=
 
-.PHONY: demo test build venv bench clean
+.PHONY: demo test test-thorough build venv bench clean
 
 venv: $(VENV)/.requirements-installed
 
@@ -30,6 +31,11 @@ test: build
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
 	$(PY) -m benchmarks --quick --out "$$(mktemp -d)"
+
+# The thorough property profile (tests/thorough.py): >= 1000 random shapes per op per CPU backend,
+# 100 in the Triton interpreter, forward and backward; prints the counts (last run: docs/reliability.md).
+test-thorough: build
+	$(PY) -m tests.thorough $(THOROUGH_ARGS)
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only -q

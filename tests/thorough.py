@@ -55,8 +55,16 @@ def case_rng(seed: int, op: str, i: int) -> random.Random:
 
 
 def draw_size(rng: random.Random, hi: int) -> int:
-    """1, hi, or anything between (small sizes and odd ones are the common edge cases)."""
-    return rng.choice((1, hi, rng.randint(1, hi), rng.randint(1, hi)))
+    """1, hi, anything between (small and odd sizes are the common edge cases), and now and then up
+    to 4 hi (past the kernels' vector widths, tiles and warps)."""
+    r = rng.random()
+    if r < 0.15:
+        return 1
+    if r < 0.3:
+        return hi
+    if r < 0.4:
+        return rng.randint(hi + 1, 4 * hi)
+    return rng.randint(1, hi)
 
 
 def draw_keep(rng: random.Random, n: int) -> int:
