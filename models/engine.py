@@ -131,6 +131,14 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def prog_name(module: str) -> str:
+    """How the tool was started: the installed command (apkernels-train) or `python -m models.train`."""
+    import sys
+
+    command = os.path.basename(sys.argv[0])
+    return command if command.startswith("apkernels-") else f"python -m {module}"
+
+
 def run_cli(main, prog: str) -> None:
     """Run a tool's main(): a bad argument or a missing file ends with one readable line (exit 2)
     instead of a traceback."""
@@ -141,6 +149,34 @@ def run_cli(main, prog: str) -> None:
     except (ValueError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def default_workers() -> int:
+    """Data-loading processes: 4, or fewer on a machine with fewer CPUs (more only oversubscribe)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
+# What models.train writes into a run directory (--overwrite removes these, nothing else).
+RUN_OUTPUTS = ("metrics.jsonl", "curves.png", "last.pt", "best.pt", "skipped_images.txt")
+
+
+def claim_run_dir(out: str, overwrite: bool) -> None:
+    """Refuse to start a run in a directory that already holds files, unless `overwrite`; then the
+    previous run's outputs are removed so that none of them mixes with the new run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out} exists and is not a directory")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries:
+        return
+    if not overwrite:
+        last = os.path.join(out, "last.pt")
+        resume = f"--resume {last} to continue that run" if os.path.isfile(last) else "another --out"
+        raise ValueError(f"out: {out} already exists and holds {', '.join(entries[:4])}"
+                         f"{', ...' if len(entries) > 4 else ''}; pass {resume}, or --overwrite to start afresh in it")
+    for name in RUN_OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -284,6 +320,17 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same directory, then rename: an interrupted save never
     leaves a truncated checkpoint behind."""
@@ -293,6 +340,7 @@ def atomic_save(obj, path: str) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give it the other outputs' mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -303,7 +351,9 @@ def atomic_save(obj, path: str) -> None:
 def load_checkpoint_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import load_file
+
+    obj = load_file(path)
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint: {path} holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -379,7 +429,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_curves(history: list[dict], out_dir: str) -> None:
+def plot_curves(history: list[dict], out_dir: str):
     """curves.png: loss (left) and accuracy (right) per epoch, from the metrics.jsonl records."""
     from matplotlib.ticker import MaxNLocator
 
@@ -390,13 +440,17 @@ def plot_curves(history: list[dict], out_dir: str) -> None:
         for key in keys:
             values = [h.get(key) for h in history]
             ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:  # MaxNLocator falls back to fractional ticks below two epochs
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
+    return fig
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str, title: str = "") -> None:

@@ -24,7 +24,7 @@ from . import engine, overlay, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__,
+    p = argparse.ArgumentParser(prog=engine.prog_name("models.predict"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--batch-size", type=int, default=32)
@@ -120,5 +120,10 @@ def main(argv=None) -> list[dict]:
     return results
 
 
+def cli() -> None:
+    """The `apkernels-predict` command."""
+    engine.run_cli(main, engine.prog_name("models.predict"))
+
+
 if __name__ == "__main__":
-    engine.run_cli(main, "python -m models.predict")
+    cli()
