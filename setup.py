@@ -193,6 +193,8 @@ class BuildExtensionKeepObjects(BuildExtension.with_options(use_ninja=True)):
                 json.dump(build_config(), fh, indent=1)
 
 
+# What apkernels.models and apkernels.benchmarks import besides torch.
+MODEL_REQUIREMENTS = ["torchvision", "numpy", "tqdm", "pillow", "matplotlib"]
 BUNDLED_PACKAGES = {"apkernels.models": "models", "apkernels.benchmarks": "benchmarks"}
 # The installed commands; each takes the options of its `python -m` form.
 COMMANDS = [
@@ -215,6 +217,6 @@ setup(
     cmdclass={"build_ext": BuildExtensionKeepObjects},
     python_requires=">=3.10",
     # The torch _C is compiled against (without a local label such as +cu130), as torchvision pins.
-    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", *MODEL_REQUIREMENTS],
     zip_safe=False,
 )

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import warnings
 
 import torch
@@ -85,11 +86,11 @@ def _warn_once() -> None:
     if os.environ.get("APKERNELS_QUIET") == "1":
         return
     if OTHER_TORCH is not None:
-        warnings.warn(
+        # One line on stderr (a warning would add the source line that triggered it).
+        print(
             f"apkernels: _C was built for torch {OTHER_TORCH} but torch {torch.__version__} is installed; "
-            f"running on the PyTorch/Triton fallbacks; {REBUILD_HINT}.",
-            RuntimeWarning,
-            stacklevel=3,
+            f"running on the PyTorch/Triton fallbacks; {REBUILD_HINT}",
+            file=sys.stderr,
         )
     elif _C is None:
         warnings.warn(
