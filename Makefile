@@ -31,7 +31,7 @@ $(VENV)/.requirements-installed: requirements.txt
 # The whole compiler output goes to $(BUILD_LOG); on failure its end is shown and make fails.
 $(BUILD_STAMP): $(VENV)/.requirements-installed $(BUILD_INPUTS)
 	mkdir -p build
-	$(PY) -m pip install --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
 		|| { tail -n 40 $(BUILD_LOG); echo "make: the apkernels build failed (full log: $(BUILD_LOG))" >&2; exit 1; }
 	touch $@
 
