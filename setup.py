@@ -121,13 +121,33 @@ def nvidia_wheel_includes():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def openmp_flags():
+    """["-fopenmp"] when the C++ compiler builds an OpenMP program, else [] (at::parallel_for then
+    runs on ATen's own thread pool, e.g. with Apple clang)."""
+    import subprocess
+    import tempfile
+
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as fh:
+            fh.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            result = subprocess.run([compiler, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                    capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+    return ["-fopenmp"] if result.returncode == 0 else []
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     # Headers too, so that editing one relinks _C (ninja then recompiles only what includes it).
     headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    openmp = openmp_flags()
+    cxx_flags = ["-O3", "-std=c++20", *openmp]
     define_macros = []
-    extra_link_args = ["-fopenmp"]
+    extra_link_args = list(openmp)
     if WITH_CUDA:
         cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
         define_macros.append(("APKERNELS_WITH_CUDA", None))
@@ -182,15 +202,16 @@ class BuildExtensionKeepObjects(BuildExtension.with_options(use_ninja=True)):
 
     def run(self):
         super().run()
-        # Written by the build only: next to the built _C (wheel), and in the source tree for
-        # in-place / editable builds.
-        targets = {os.path.dirname(os.path.join(self.build_lib, self.get_ext_filename("apkernels._C")))}
-        if self.inplace or getattr(self, "editable_mode", False):
-            targets.add(os.path.join(ROOT, "apkernels"))
-        for folder in targets:
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "_build_config.json"), "w") as fh:
-                json.dump(build_config(), fh, indent=1)
+        # Written by the build only, beside the built _C (the source tree for in-place and
+        # editable builds, the wheel's folder otherwise).
+        with open(os.path.join(os.path.dirname(self.get_ext_fullpath("apkernels._C")), "_build_config.json"), "w") as fh:
+            json.dump(build_config(), fh, indent=1)
+
+
+def read_version():
+    """apkernels/_version.py's __version__ (the one place the version is written)."""
+    with open(os.path.join(ROOT, "apkernels", "_version.py")) as fh:
+        return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
 
 
 # What apkernels.models and apkernels.benchmarks import besides torch.
@@ -198,15 +219,15 @@ MODEL_REQUIREMENTS = ["torchvision", "numpy", "tqdm", "pillow", "matplotlib"]
 BUNDLED_PACKAGES = {"apkernels.models": "models", "apkernels.benchmarks": "benchmarks"}
 # The installed commands; each takes the options of its `python -m` form.
 COMMANDS = [
-    "apkernels-train = apkernels.models.train:cli",
-    "apkernels-evaluate = apkernels.models.evaluate:cli",
-    "apkernels-predict = apkernels.models.predict:cli",
-    "apkernels-bench = apkernels.benchmarks.__main__:cli",
+    "apkernels-train = apkernels.models.train:command",
+    "apkernels-evaluate = apkernels.models.evaluate:command",
+    "apkernels-predict = apkernels.models.predict:command",
+    "apkernels-bench = apkernels.benchmarks.__main__:command",
 ]
 
 setup(
     name="apkernels",
-    version="0.1.0",
+    version=read_version(),
     description="Fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels for PyTorch",
     # models/ and benchmarks/ stay where they are (`python -m models.train` from the source tree) and
     # install as apkernels.models / apkernels.benchmarks: no generic top-level `models` package.

@@ -16,7 +16,7 @@ os.environ.setdefault("APKERNELS_QUIET", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from . import common, model_bench, suite  # noqa: E402
+from . import model_bench, specs, suite, timing  # noqa: E402
 
 # The source tree's benchmarks/results; an installed copy (apkernels.benchmarks) writes to the
 # working directory instead of site-packages.
@@ -42,14 +42,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--ops",
         nargs="*",
-        default=list(common.OPS),
-        choices=list(common.OPS),
+        default=list(specs.OPS),
+        choices=list(specs.OPS),
         metavar="OP",
-        help=f"ops to run (default all: {' '.join(common.OPS)}); --ops with none: model rows only",
+        help=f"ops to run (default all: {' '.join(specs.OPS)}); --ops with none: model rows only",
     )
-    p.add_argument("--providers", nargs="+", default=list(common.PROVIDERS), choices=list(common.PROVIDERS))
+    p.add_argument("--providers", nargs="+", default=list(specs.PROVIDERS), choices=list(specs.PROVIDERS))
     p.add_argument("--compile", action="store_true", help="keep the torch.compile rows under --quick")
-    p.add_argument("--passes", nargs="+", default=list(common.PASSES), choices=list(common.PASSES))
+    p.add_argument("--passes", nargs="+", default=list(specs.PASSES), choices=list(specs.PASSES))
     batches = p.add_mutually_exclusive_group()
     batches.add_argument("--batches", nargs="+", type=int, help="batch sizes for every op (default: the paper's)")
     batches.add_argument(
@@ -108,13 +108,13 @@ def main(argv=None) -> int:
     copy_gbps = {}
     mb = 32 if args.quick else 256
     for device in run_devices:
-        copy_gbps[device] = common.copy_bandwidth_gbps(device, megabytes=mb, reps=3 if args.quick else 10)
+        copy_gbps[device] = timing.copy_bandwidth_gbps(device, megabytes=mb, reps=3 if args.quick else 10)
         print(f"copy bandwidth {device}: {copy_gbps[device]:.1f} GB/s ({mb} MiB copy, read + write)")
 
     cases, skipped = suite.op_cases(config)
     skipped = quick_skips + skipped
     total = sum(
-        len(config.passes) * len([p for p in config.providers if common.provider_unavailable(s.name, p, d) is None])
+        len(config.passes) * len([p for p in config.providers if specs.provider_unavailable(s.name, p, d) is None])
         for s, _, _, d in cases
     )
     rows = []
@@ -197,10 +197,10 @@ def target_exit_status(targets, check: bool) -> int:
     return 0
 
 
-def cli() -> None:
+def command() -> None:
     """The `apkernels-bench` command."""
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    cli()
+    command()

@@ -317,10 +317,10 @@ def main(argv=None) -> dict:
         engine.cleanup_distributed()
 
 
-def cli() -> None:
+def command() -> None:
     """The `apkernels-train` command."""
     engine.run_cli(main, engine.prog_name("models.train"))
 
 
 if __name__ == "__main__":
-    cli()
+    command()

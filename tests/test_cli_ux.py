@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models import data as fer_data
-from models import engine, evaluate, overlay, train
+from models import cli, evaluate, overlay, plots, train
 from models.checkpoint import load_file, load_matching
 from models.classes import APVIT_RAFDB_CLASSES
 
@@ -60,7 +60,7 @@ def test_evaluate_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, monkeyp
     monkeypatch.setattr("sys.argv", ["apkernels-evaluate", "--model", "apvit", "--checkpoint", str(ckpt),
                                      "--dataset", "rafdb", "--data-root", str(tmp_path), "--device", "cpu"])
     with pytest.raises(SystemExit) as info:
-        evaluate.cli()
+        evaluate.command()
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("apkernels-evaluate: error: checkpoint") and str(ckpt) in err
@@ -127,9 +127,9 @@ def test_check_images_on_a_dataset(raf_with_bad_image):
 
 def test_workers_default_follows_the_cpu_count(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert engine.default_workers() == 2
+    assert cli.default_workers() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert engine.default_workers() == 4
+    assert cli.default_workers() == 4
     args = train.parse_args(["--model", "dan", "--dataset", "rafdb", "--data-root", "x", "--out", "y"])
     assert args.workers == min(4, len(os.sched_getaffinity(0)))
 
@@ -173,7 +173,7 @@ def test_dan_official_checkpoint_without_batch_counters_loads():
 def test_curves_of_one_epoch_have_integer_ticks(tmp_path):
     history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4,
                 "test_balanced_acc": 0.3}]
-    fig = engine.plot_curves(history, str(tmp_path))
+    fig = plots.plot_curves(history, str(tmp_path))
     for ax in fig.axes:
         ticks = list(ax.get_xticks())
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
