@@ -32,6 +32,7 @@ from torch import nn
 from models import APViT, DAN, engine, recipes, train
 from tests.test_losses import affinity_official
 from tests.test_models_dan import OfficialDAN, official_state  # noqa: F401 (a fixture)
+from tests.test_workflows import one_thread  # noqa: F401 (an autouse fixture: tiny models, one thread)
 
 REL = 1e-5
 CPU = torch.device("cpu")
@@ -39,14 +40,6 @@ DAN_SIZE = 32  # DAN is size-agnostic: 32 x 32 images give [B, 512, 1, 1] featur
 # The paper's width (768, 8 heads: the zero-initialised head's first gradients exceed the clipping
 # norm of 10 only with wide features), three blocks, a 4 x 4 patch grid.
 APVIT_TINY = dict(keep_patches=12, keep_rates=(1, 0.75, 0.5), backbone_units=(1, 1, 1), input_size=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batches(n, batch, size, num_classes, seed, scale=1.0):
