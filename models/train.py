@@ -133,14 +133,17 @@ def _log(rank: int, msg: str) -> None:
 
 
 def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, recipe: recipes.Recipe,
-                device: torch.device, amp: str = "none", desc: str = "train", show_progress: bool = True) -> torch.Tensor:
+                device: torch.device, amp: str = "none", desc: str = "train", show_progress: bool = True,
+                before_batch=None) -> torch.Tensor:
     """One epoch of the recipe's training steps over `loader` (the scheduler steps after it):
-    `trainer` is `step` or its DDP wrapper. Returns float64 sums over the samples: loss, correct,
-    count, affinity, partition."""
+    `trainer` is `step` or its DDP wrapper; `before_batch(index)` runs before each batch. Returns
+    float64 sums over the samples: loss, correct, count, affinity, partition."""
     step.train()
     sums = torch.zeros(5, dtype=torch.float64)
     bar = tqdm(loader, desc=desc, disable=not show_progress, leave=False)
-    for images, labels in bar:
+    for batch, (images, labels) in enumerate(bar):
+        if before_batch is not None:
+            before_batch(batch)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with engine.autocast(device, amp):
