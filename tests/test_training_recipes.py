@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import APViT, DAN, engine, recipes, train
+from models import APViT, DAN, recipes, train
+from models.modeling import TrainStep
 from tests.test_losses import affinity_official
 from tests.test_models_dan import OfficialDAN, official_state  # noqa: F401 (a fixture)
 from tests.test_workflows import one_thread  # noqa: F401 (an autouse fixture: tiny models, one thread)
@@ -162,7 +163,7 @@ def dan_models(state, num_classes, centres, seed=3):
 
 
 def our_dan_step(model, criterion_af, recipe):
-    step = engine.TrainStep("dan", model, recipe.affinity_centres)
+    step = TrainStep("dan", model, recipe.affinity_centres)
     assert step.affinity.centers.shape == criterion_af.centers.shape
     with torch.no_grad():
         step.affinity.centers.copy_(criterion_af.centers)
@@ -345,7 +346,7 @@ def test_apvit_training_steps_equal_the_official_loop():
     epoch_batches = [batches(1, 2, 32, 7, seed=2 * e) + batches(1, 16, 32, 7, seed=2 * e + 1) for e in range(epochs)]
 
     expected_losses, expected_lrs, norms = official_apvit_run(official, epoch_batches)
-    losses, lrs = run_project(engine.TrainStep("apvit", model), recipe, epoch_batches)
+    losses, lrs = run_project(TrainStep("apvit", model), recipe, epoch_batches)
 
     assert min(norms) < 10 < max(norms)  # some steps clip, some do not
     assert len(losses) == len(expected_losses) >= 5
@@ -458,7 +459,7 @@ def test_paper_recipes():
     assert (apvit.schedule, apvit.sampler, apvit.repeat_thr, apvit.zero_head) == ("cosine", "repeat_factor", 0.15, True)
     model = DAN(num_classes=7)
     with pytest.raises(ValueError, match="affinity_centres: need at least one centre per class"):
-        engine.TrainStep("dan", model, 6)
+        TrainStep("dan", model, 6)
     # DAN's AffectNet augmentation is affectnet.py's, not rafdb.py's.
     names = [type(t).__name__ for t in recipes.train_transform("dan", model, "affectnet").transforms]
     assert "RandomApply" in names and "RandomCrop" not in str(recipes.train_transform("dan", model, "affectnet"))
