@@ -152,7 +152,7 @@ def test_corrupt_missing_and_empty_errors(tmp_path):
     ds[0]
     with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
         ds[1]
-    with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
+    with pytest.raises(ValueError, match="unreadable image.*train_00002_aligned.jpg"):  # checked before training
         train.main(train_args(tmp_path, tmp_path / "run", epochs=1))
     os.remove(tmp_path / "Image" / "aligned" / "test_00001_aligned.jpg")
     with pytest.raises(FileNotFoundError, match="test_00001_aligned.jpg"):
