@@ -77,4 +77,4 @@ def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
 
 
 # No forward op of its own: patch_pool / token_pool import this module before registering.
-_common._library.register_kernel(OP + _common._library.TRITON_SUFFIX, pool_backward_triton)
+_common._library.register_kernel(OP + _common._library.TRITON_SUFFIX, _common.on_tensor_device(pool_backward_triton))
