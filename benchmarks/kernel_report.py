@@ -287,7 +287,7 @@ def _run_op(op, pass_, dtype, batch, suffix):
     """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs."""
     import torch
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     spec = common.OPS[op]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -297,14 +297,14 @@ def _run_op(op, pass_, dtype, batch, suffix):
     if op == "patch_pool":
         x = inputs["x"]
         tokens, index = fn("patch_pool")(x, common.APVIT_KEEP, inputs["pos"], "sum_abs")
-        if pass_ == "fwd+bwd":
-            fn("pool_backward")(torch.empty_like(tokens), index, x.shape[2] * x.shape[3], True)
+        if pass_ == "fwd+bwd":  # the forward did not run: valid kept positions stand in for its index
+            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[2] * x.shape[3], True)
     elif op == "token_pool":
         x = inputs["x"]
-        tokens, index = fn("token_pool")(x, inputs["q"], inputs["k"], common.APVIT_TOKEN_KEEP,
-                                         common.APVIT_HEAD_DIM ** -0.5, "sum")
+        tokens, index = fn("token_pool")(x, inputs["q"], inputs["k"], common.APVIT_TOKEN_KEEP, common.TOKEN_SCALE,
+                                         "sum")
         if pass_ == "fwd+bwd":
-            fn("pool_backward")(torch.empty_like(tokens), index.clamp(0, x.shape[1] - 1), x.shape[1], False)
+            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[1], False)
     elif op == "dan_spatial_pool":
         g = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
         if pass_ == "fwd+bwd":
@@ -315,6 +315,13 @@ def _run_op(op, pass_, dtype, batch, suffix):
             fn("dan_head_fusion_backward")(torch.empty_like(fused), torch.empty_like(heads), inputs["g"],
                                            inputs["gate_logits"], heads)
     return inputs
+
+
+def _kept(index):
+    """Ascending positions 0..K-1 per image, in the shape of `index`."""
+    import torch
+
+    return torch.arange(index.shape[1]).expand(index.shape).contiguous()
 
 
 def triton_compile(jit_fn, args, kwargs, cache: dict) -> tuple:
@@ -357,7 +364,7 @@ def _ptxas_resources(ptx: str) -> Resources:
 
 # ---------------------------------------------------------------------------------- rows
 def op_shapes(op: str, batch: int) -> dict:
-    from benchmarks import common as c
+    from benchmarks import specs as c
 
     if op == "patch_pool":
         return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS)
@@ -372,7 +379,7 @@ def minimal_bytes(op: str, pass_: str, dtype: str, batch: int) -> int:
     """Every input read once, every output written once (benchmarks.common's traffic model)."""
     import torch
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     spec = common.OPS[op]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -400,7 +407,7 @@ def _meta_inputs(spec, batch, dtype):
 def _meta_outputs(op, i):
     import torch
 
-    from benchmarks import common as c
+    from benchmarks import specs as c
 
     B = next(iter(i.values())).shape[0]
     if op == "patch_pool":
@@ -468,7 +475,7 @@ def triton_rows(batches, dtypes) -> list:
 
 
 def make_row(op, backend, pass_, dtype, batch, kernels, counters):
-    from benchmarks import common
+    from benchmarks import specs as common
 
     return {
         "op": op,
@@ -531,7 +538,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the Triton kernels are compiled, not interpreted
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     batches = (256,) if args.quick else sorted({b for spec in common.OPS.values() for b in spec.batches})
     dtypes = ("bf16",) if args.quick else DTYPES

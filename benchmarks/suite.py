@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-from . import common
+from . import specs, timing
 
 COLUMNS = (
     ("op", "<", 16),
@@ -48,8 +48,8 @@ class Config:
     batches: list | None = None  # overrides every op's batch sizes
     target_batch: bool = False  # each op at its CPU-target batch only
     dtypes: dict | None = None  # device type -> dtypes
-    passes: tuple = common.PASSES
-    providers: tuple = common.PROVIDERS
+    passes: tuple = specs.PASSES
+    providers: tuple = specs.PROVIDERS
 
     def batch_sizes(self, spec) -> list:
         if self.batches:
@@ -107,7 +107,7 @@ def op_cases(config: Config):
     cases, skipped = [], []
     for device in config.devices:
         for name in config.ops:
-            spec = common.OPS[name]
+            spec = specs.OPS[name]
             dtypes = config.dtypes_for(device)
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 skipped.append(
@@ -115,13 +115,13 @@ def op_cases(config: Config):
                         "op": name,
                         "device": device,
                         "shapes": [spec.shape(b) for b in config.batch_sizes(spec)],
-                        "dtypes": [common.dtype_name(d) for d in dtypes],
+                        "dtypes": [specs.dtype_name(d) for d in dtypes],
                         "reason": "no CUDA device (torch.cuda.is_available() is False)",
                     }
                 )
                 continue
             for provider in config.providers:
-                why = common.provider_unavailable(name, provider, device)
+                why = specs.provider_unavailable(name, provider, device)
                 other_device = provider in ("cpu", "cuda") and provider != torch.device(device).type
                 if why is not None and not other_device:
                     skipped.append({"op": name, "device": device, "provider": provider, "reason": why})
@@ -135,35 +135,35 @@ def run_case(spec, batch, dtype, device, config: Config, progress=None) -> list:
     """Every pass x provider of one (op, batch, dtype, device): rows with speed-ups filled in."""
     generator = torch.Generator().manual_seed(0)
     inputs = spec.make_inputs(batch, dtype, device, generator)
-    grads = common.make_grads(spec, inputs, generator)
-    providers = [p for p in config.providers if common.provider_unavailable(spec.name, p, device) is None]
+    grads = specs.make_grads(spec, inputs, generator)
+    providers = [p for p in config.providers if specs.provider_unavailable(spec.name, p, device) is None]
     reps = config.repeats(device)
     rows = []
     for pass_ in config.passes:
         group = []
         for provider in providers:
             if progress is not None:
-                progress.set_postfix_str(f"{device} {spec.name} B={batch} {common.dtype_name(dtype)} {pass_} {provider}")
-            fn, outputs = common.pass_fn(spec, provider, inputs, pass_, grads)
-            common.synchronize(device)
-            timing = common.time_fn(fn, device, reps=reps, min_sample_s=5e-4 if config.quick else 2e-3)
+                progress.set_postfix_str(f"{device} {spec.name} B={batch} {specs.dtype_name(dtype)} {pass_} {provider}")
+            fn, outputs = specs.pass_fn(spec, provider, inputs, pass_, grads)
+            timing.synchronize(device)
+            measured = timing.time_fn(fn, device, reps=reps, min_sample_s=5e-4 if config.quick else 2e-3)
             traffic = spec.traffic(inputs, outputs, pass_)
-            gbps = traffic / (timing.ms * 1e-3) / 1e9
+            gbps = traffic / (measured.ms * 1e-3) / 1e9
             group.append(
                 {
                     "op": spec.name,
                     "shape": spec.shape(batch),
                     "batch": batch,
-                    "dtype": common.dtype_name(dtype),
+                    "dtype": specs.dtype_name(dtype),
                     "pass": pass_,
                     "provider": provider,
                     "device": device,
-                    "ms": timing.ms,
-                    "p20": timing.p20,
-                    "p80": timing.p80,
+                    "ms": measured.ms,
+                    "p20": measured.p20,
+                    "p80": measured.p80,
                     "gbps": gbps,
                     "traffic_bytes": traffic,
-                    "peak_mb": common.peak_memory_mb(fn, device),
+                    "peak_mb": timing.peak_memory_mb(fn, device),
                     "paper_scale": batch in spec.batches,
                 }
             )
@@ -192,8 +192,8 @@ def check_cpu_targets(rows) -> list:
     """The CPU targets: the fused CPU kernel >= 2x eager for each op at its target batch (forward),
     and for fwd+bwd of patch_pool and dan_spatial_pool. status: pass / FAIL / not measured."""
     results = []
-    for op, pass_ in common.CPU_TARGETS:
-        spec = common.OPS[op]
+    for op, pass_ in specs.CPU_TARGETS:
+        spec = specs.OPS[op]
         match = [
             r
             for r in rows
@@ -204,9 +204,9 @@ def check_cpu_targets(rows) -> list:
             and r["dtype"] == "fp32"
             and r.get("batch") == spec.target_batch
         ]
-        entry = {"op": op, "pass": pass_, "batch": spec.target_batch, "target": common.CPU_TARGET_SPEEDUP}
+        entry = {"op": op, "pass": pass_, "batch": spec.target_batch, "target": specs.CPU_TARGET_SPEEDUP}
         if not match:
-            why = common.provider_unavailable(op, "cpu", "cpu")
+            why = specs.provider_unavailable(op, "cpu", "cpu")
             entry.update(
                 status="not measured",
                 speedup=None,
@@ -214,18 +214,35 @@ def check_cpu_targets(rows) -> list:
             )
         else:
             speedup = match[0]["speedup_vs_eager"]
-            entry.update(status="pass" if speedup >= common.CPU_TARGET_SPEEDUP else "FAIL", speedup=speedup)
+            entry.update(status="pass" if speedup >= specs.CPU_TARGET_SPEEDUP else "FAIL", speedup=speedup)
         results.append(entry)
     return results
 
 
-def format_targets(results) -> str:
-    lines = [f"CPU targets (fused CPU kernel >= {common.CPU_TARGET_SPEEDUP:.0f}x eager, fp32):"]
+def format_targets(results, enforced: bool = False) -> str:
+    how = "enforced by --check" if enforced else "informative: --check makes a missed target fail the run"
+    lines = [f"CPU targets (fused CPU kernel >= {specs.CPU_TARGET_SPEEDUP:.0f}x eager, fp32; {how}):"]
     for t in results:
         got = f"{t['speedup']:.2f}x" if t["speedup"] is not None else "-"
         extra = f"  ({t['reason']})" if t.get("reason") else ""
         lines.append(f"  {t['op']:<17} {t['pass']:<8} B={t['batch']:<4} {got:>7}  {t['status']}{extra}")
     return "\n".join(lines)
+
+
+def missed_targets(results) -> list:
+    return [t for t in results if t["status"] == "FAIL"]
+
+
+def copy_bandwidth_note(rows, copy_megabytes: int) -> str | None:
+    """Why a row can exceed 100 % of the copy bandwidth: its working set fits in the caches, while
+    the copy reference streams a buffer much larger than any cache through main memory."""
+    above = [r for r in rows if (r.get("bandwidth_fraction") or 0) > 1.0]
+    if not above:
+        return None
+    largest = max(r.get("traffic_bytes") or 0 for r in above) / 2**20
+    return (f"%copy above 100 % in {len(above)} row(s): their whole working set (at most {largest:.1f} MiB) "
+            f"stays in the CPU caches between repetitions, while the copy reference streams {copy_megabytes} MiB "
+            "through main memory; such rows measure cache bandwidth, not a kernel beating memory")
 
 
 def format_skipped(skipped) -> str:
@@ -321,42 +338,57 @@ def write_json(path, rows, *, devices, copy_gbps, skipped, targets, tests=None, 
 
 
 def plot_speedups(rows, path: str, title: str) -> str | None:
-    """Horizontal bars: speed-up vs eager of every non-eager provider, one bar group per
-    (op, shape, dtype, pass, device). Returns the path, or None when there is nothing to draw."""
-    import matplotlib
+    """Speed-up vs eager of every non-eager provider as horizontal bars, one panel per op and one for
+    the models (two panels a row), one bar group per (shape, dtype, pass, device) inside a panel.
+    Returns the path, or None when there is nothing to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = []
+    panels = {}  # panel title -> [(group label, {provider: speed-up})], in row order
     for r in rows:
-        key = f"{r['op']} {r['shape']} {r['dtype']} {r['pass']} [{r.get('device', '')}]"
-        if not groups or groups[-1][0] != key:
-            groups.append((key, {}))
+        groups = panels.setdefault("models" if r.get("kind") == "model" else r["op"], [])
+        label = f"{r['op'] + ' ' if r.get('kind') == 'model' else ''}{r['shape']} {r['dtype']} {r['pass']} [{r.get('device', '')}]"
+        if not groups or groups[-1][0] != label:
+            groups.append((label, {}))
         if r["provider"] != "eager" and r.get("speedup_vs_eager"):
             groups[-1][1][r["provider"]] = r["speedup_vs_eager"]
-    groups = [g for g in groups if g[1]]
-    if not groups:
+    panels = {name: [g for g in groups if g[1]] for name, groups in panels.items()}
+    panels = {name: groups for name, groups in panels.items() if groups}
+    if not panels:
         return None
-    providers = []  # in order of first appearance
-    for _, by_provider in groups:
-        providers += [p for p in by_provider if p not in providers]
-    height = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.32 * len(groups) * max(1, len(providers)) ** 0.5))
-    for j, provider in enumerate(providers):
-        ys = [i + (j - (len(providers) - 1) / 2) * height for i in range(len(groups))]
-        xs = [g[1].get(provider, 0) for g in groups]
-        ax.barh(ys, xs, height=height, label=provider)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("speed-up vs the eager official formulation (median, higher is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    providers = []  # in order of first appearance, one colour each across all panels
+    for groups in panels.values():
+        for _, by_provider in groups:
+            providers += [p for p in by_provider if p not in providers]
+    colours = {p: f"C{i}" for i, p in enumerate(providers)}
+    columns = min(2, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    tallest = max(len(g) for g in panels.values())
+    fig = Figure(figsize=(8 * columns, 0.8 + grid_rows * (1.0 + 0.28 * tallest)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(grid_rows, columns, squeeze=False).ravel()
+    for ax, (name, groups) in zip(axes, panels.items()):
+        shown = [p for p in providers if any(p in g[1] for g in groups)]
+        height = 0.8 / len(shown)
+        for j, provider in enumerate(shown):
+            ys = [i + (j - (len(shown) - 1) / 2) * height for i in range(len(groups))]
+            ax.barh(ys, [g[1].get(provider, 0) for g in groups], height=height, color=colours[provider], label=provider)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+        ax.set_ylim(len(groups) - 0.5, -0.5)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("speed-up vs eager (higher is better)", fontsize=7)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -375,7 +407,7 @@ class BenchCase:
 
     @property
     def spec(self):
-        return common.OPS[self.op]
+        return specs.OPS[self.op]
 
     @property
     def paper_scale(self) -> bool:
@@ -384,7 +416,7 @@ class BenchCase:
     @property
     def group(self) -> str:
         """pytest-benchmark group: the providers of one (op, shape, dtype, pass, device) side by side."""
-        return f"{self.op} {self.spec.shape(self.batch)} {common.dtype_name(self.dtype)} {self.pass_} [{self.device}]"
+        return f"{self.op} {self.spec.shape(self.batch)} {specs.dtype_name(self.dtype)} {self.pass_} [{self.device}]"
 
 
 def pytest_params(op: str) -> list:
@@ -393,7 +425,7 @@ def pytest_params(op: str) -> list:
     whose reason says why."""
     import pytest
 
-    spec = common.OPS[op]
+    spec = specs.OPS[op]
     params = []
     for device in ("cpu", "cuda"):
         if device == "cuda" and not torch.cuda.is_available():
@@ -402,8 +434,8 @@ def pytest_params(op: str) -> list:
             )
             continue
         providers = []
-        for provider in common.PROVIDERS:
-            why = common.provider_unavailable(op, provider, device)
+        for provider in specs.PROVIDERS:
+            why = specs.provider_unavailable(op, provider, device)
             if why is None:
                 providers.append(provider)
             elif provider not in ("cpu", "cuda") or provider == device:
@@ -412,9 +444,9 @@ def pytest_params(op: str) -> list:
         for batch in (SMOKE_BATCH,) + tuple(spec.batches):
             marks = [pytest.mark.paper_scale] if batch in spec.batches else []
             for dtype in dtypes:
-                for pass_ in common.PASSES:
+                for pass_ in specs.PASSES:
                     for provider in providers:
                         case = BenchCase(op, device, dtype, batch, pass_, provider)
-                        name = f"{device}-{common.dtype_name(dtype)}-B{batch}-{pass_}-{provider}"
+                        name = f"{device}-{specs.dtype_name(dtype)}-B{batch}-{pass_}-{provider}"
                         params.append(pytest.param(case, id=name, marks=marks))
     return params
