@@ -12,16 +12,16 @@ global bytes moved.
 Where the numbers come from:
 - CUDA: every `csrc/ops/cuda/*.cu` is compiled for sm_90 with nvcc `-Xptxas -v` (cached by source
   hash under `build/kernel_report/`). The kernels each op call launches, with their grid, block and
-  dynamic shared memory, are `CUDA_PLANS` below: the host code of the .cu files written out (no GPU
-  runs it here). With the CUDA emulation build, `apkernels._emulation.counters()` supplies the
-  launches and global bytes of the real kernel code instead (see `emulated_counters`).
+  dynamic shared memory, are `cuda_plan` below: the host code of the .cu files written out (no GPU
+  runs it here).
 - Triton: the op's launcher runs on CPU tensors with every `JITFunction.run` intercepted, so each
   launch's grid, arguments, constexprs and `num_warps` are the launcher's own; each launch is then
   specialised the way Triton's JIT does (its own binder, for `GPUTarget("cuda", 90, 32)`), compiled
   to PTX and run through ptxas -v. Nothing executes.
-- global_bytes: measured traffic needs the CUDA emulator's counters (CUDA) or an equivalent
-  load/store accounting (Triton). Until those exist the column is None ("n/a" in the table): this
-  report does not estimate it.
+- global_bytes: measured, never estimated. `--emulated-counters` runs each CUDA row's op call on the
+  CUDA emulation build and takes launches and global bytes from `apkernels._emulation.counters()`
+  (the real kernel code; slow at the paper batch). Without it, and for Triton (no load/store
+  accounting yet), global_bytes is None ("n/a").
 """
 import argparse
 import dataclasses
@@ -234,24 +234,23 @@ def _pool_backward_plan(dtype, B, N, C, reduce_batch):
     return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
 
 
-def emulated_counters(call):
-    """Launches and global bytes of `call()` run on the CUDA emulation build, or None without it.
+def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
+    """Launches and global bytes (read + written) of one call of the CUDA op (and its backward op)
+    run by the CUDA emulation build on CPU tensors, or None without that build.
 
-    Expects `apkernels._emulation.counters()` to return the launches since the last
-    `apkernels._emulation.reset_counters()` as a list of dicts with `bytes_read` and
-    `bytes_written` (or one `global_bytes`)."""
+    Uses `apkernels._emulation`: `available(op)`, `reset_counters()` and `counters()` (one dict per
+    launch with `global_read_bytes` / `global_write_bytes`). The emulator runs every CUDA thread as a
+    fiber: minutes per call at the paper batch, so `--emulated-counters` asks for it explicitly."""
     try:
         from apkernels import _emulation
     except ImportError:
         return None
-    if not getattr(_emulation, "available", lambda: False)():
+    if not _emulation.available(op):
         return None
     _emulation.reset_counters()
-    call()
+    _run_op(op, pass_, dtype, batch, _emulation.SUFFIX)
     launches = list(_emulation.counters())
-    total = 0
-    for launch in launches:
-        total += launch["global_bytes"] if "global_bytes" in launch else launch["bytes_read"] + launch["bytes_written"]
+    total = sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches)
     return {"launches": len(launches), "global_bytes": total}
 
 
@@ -441,7 +440,7 @@ def kernel_entry(name, resources, grid, threads, dynamic_shared):
     }
 
 
-def cuda_rows(resources: dict, batches, dtypes) -> list:
+def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False) -> list:
     rows = []
     for op in OPS:
         for pass_ in PASSES:
@@ -455,7 +454,8 @@ def cuda_rows(resources: dict, batches, dtypes) -> list:
                         name = min(matches, key=len)
                         kernels.append(kernel_entry(_short(name), resources[name], launch.grid, launch.threads,
                                                     launch.dynamic_shared_bytes))
-                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels, counters=None))
+                    counters = emulated_counters(op, pass_, dtype, batch) if emulate else None
+                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels, counters=counters))
     return rows
 
 
@@ -530,6 +530,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} to this file")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--emulated-counters", action="store_true",
+                        help="measure the CUDA rows' launches and global bytes on the CUDA emulation build "
+                             "(apkernels._emulation; slow: every CUDA thread is a fiber)")
     parser.add_argument("--quick", action="store_true", help="paper batch and bf16 only (the CI smoke run)")
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="only these backends")
     parser.add_argument("--csrc", type=Path, default=ROOT / "csrc",
@@ -549,13 +552,13 @@ def main(argv=None) -> int:
             print("kernel_report: nvcc not found: CUDA rows skipped", file=sys.stderr)
         else:
             resources = cuda_resources(progress=lambda m: print(m, file=sys.stderr), csrc=args.csrc)
-            rows += cuda_rows(resources, batches, dtypes)
+            rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters)
     if "triton" in backends:
         rows += triton_rows(batches, dtypes)
     table = format_table(rows)
-    note = ("global bytes: n/a until the CUDA emulator's counters (apkernels._emulation) and a Triton load/store "
-            "accounting exist; launches = kernels one op call launches (CUDA: the host code's plan; Triton: "
-            "recorded from the launcher).")
+    note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation); "
+            "n/a otherwise, and for Triton (no load/store accounting yet): never estimated. launches = kernels one op "
+            "call launches (CUDA: the host code's plan, or the emulator's count; Triton: recorded from the launcher).")
     print(table + "\n\n" + note)
     if args.markdown:
         args.markdown.write_text(table + "\n\n" + note + "\n")
