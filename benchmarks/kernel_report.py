@@ -217,8 +217,9 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         if pass_ == "fwd+bwd":
             plans.append(reduce_s)
             plans.append(Launch(rf"channel_reduce_kernel<false, {t}, float>", (B * M * math.ceil(P / 32),), 256))
-            plans.append(Launch(rf"grad_x_kernel<{t}, float>", (_elementwise_blocks(B * C * P),), 256))
-            plans.append(Launch(rf"grad_z_kernel<{t}, float>", (_elementwise_blocks(B * M * C2 * P),), 256))
+            # (index type uint32 at these sizes; older sources had none)
+            plans.append(Launch(rf"grad_x_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * C * P),), 256))
+            plans.append(Launch(rf"grad_z_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * M * C2 * P),), 256))
     elif op == "dan_head_fusion":
         C = shapes["C"]
         plans.append(Launch(rf"head_fusion_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
