@@ -9,6 +9,9 @@ Switches (environment variables, flash-attention style):
   TORCH_CUDA_ARCH_LIST   CUDA archs (default: the visible GPU's, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs for ninja
   CUDA_HOME              CUDA toolkit root (default: found from nvcc on PATH, wrapper scripts too)
+  APKERNELS_PY_LIMITED_API=1
+                         build _C against Python's stable ABI (_C.abi3.so, loads in CPython >= 3.10):
+                         `make gpu-bundle` uses it to build here for a machine with another Python
 """
 import glob
 import json
@@ -98,6 +101,11 @@ def nvidia_wheel_includes():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+# _C uses only the limited C API (csrc/apkernels.cpp: PyModule_Create, no pybind11, no
+# libtorch_python), so one abi3 build serves every CPython >= 3.10; torch adds -DPy_LIMITED_API.
+PY_LIMITED_API = os.environ.get("APKERNELS_PY_LIMITED_API", "").strip() == "1"
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
@@ -116,6 +124,7 @@ def extension():
                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=extra_link_args,
+            py_limited_api=PY_LIMITED_API,
         )
     return CppExtension(
         "apkernels._C",
@@ -124,6 +133,7 @@ def extension():
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link_args,
+        py_limited_api=PY_LIMITED_API,
     )
 
 
@@ -134,6 +144,7 @@ def write_build_config():
         "cuda": torch.version.cuda if WITH_CUDA else None,
         "cuda_home": CUDA_HOME if WITH_CUDA else None,
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU") if WITH_CUDA else None,
+        "python_abi": "abi3" if PY_LIMITED_API else sys.implementation.cache_tag,
     }
     with open(os.path.join(ROOT, "apkernels", "_build_config.json"), "w") as fh:
         json.dump(config, fh, indent=1)
