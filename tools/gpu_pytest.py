@@ -1,34 +1,33 @@
 """pytest plugin of tools/gpu_check.sh (step b): a time box that ends a test run cleanly.
 
-    pytest -p tools.gpu_pytest --gpu-deadline-s 150 ...
+    pytest -p tools.gpu_pytest --gpu-deadline-at "$(( $(date +%s) + 150 ))" ...
 
-After the given seconds no further test starts: every remaining test is reported as skipped with
-the reason, so the run ends on its own with its junit XML written and its counts honest (a run
-killed by `timeout` would leave no report at all).
+From that time (seconds since the epoch, so that the interpreter's start and the collection count
+too) no further test starts: every remaining test is reported as skipped with the reason, so the
+run ends on its own with its junit XML written and its counts honest (a run killed by `timeout`
+would leave no report at all).
 """
 import time
 
 import pytest
 
-_state = {"start": None, "deadline_s": None}
+_state = {"deadline": None}
 
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--gpu-deadline-s",
+        "--gpu-deadline-at",
         type=float,
         default=None,
-        help="start no test after this many seconds; the rest are skipped with the reason (tools/gpu_check.sh)",
+        help="start no test after this time (seconds since the epoch); the rest are skipped with the reason",
     )
 
 
 def pytest_configure(config):
-    _state["start"] = time.monotonic()
-    _state["deadline_s"] = config.getoption("--gpu-deadline-s")
+    _state["deadline"] = config.getoption("--gpu-deadline-at")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    limit = _state["deadline_s"]
-    if limit is not None and time.monotonic() - _state["start"] > limit:
-        pytest.skip(f"gpu_check time box: not started, the run's {limit:g} s were used up")
+    if _state["deadline"] is not None and time.time() > _state["deadline"]:
+        pytest.skip("gpu_check time box: not started, the step's time was used up")
