@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         for spec, batch, dtype, device in cases:
             if deadline is not None and time.monotonic() > deadline:
                 skipped.append(
-                    {"op": spec.name, "device": device, "shapes": [spec.shape(batch)], "dtypes": [common.dtype_name(dtype)],
+                    {"op": spec.name, "device": device, "shapes": [spec.shape(batch)], "dtypes": [specs.dtype_name(dtype)],
                      "reason": f"--deadline-s {args.deadline_s:g} reached"}
                 )
                 continue

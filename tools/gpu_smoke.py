@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks import common, suite  # noqa: E402
+from benchmarks import checks, specs, suite  # noqa: E402
 
 BACKENDS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 DTYPES = (torch.float32, torch.bfloat16)
@@ -40,26 +40,26 @@ def main(argv=None) -> int:
         print("gpu_smoke: no CUDA device (torch.cuda.is_available() is False)")
         return 2
     checks = failures = 0
-    for name, spec in common.OPS.items():
+    for name, spec in specs.OPS.items():
         for backend in BACKENDS[args.device]:
-            why = common.provider_unavailable(name, backend, args.device)
+            why = specs.provider_unavailable(name, backend, args.device)
             if why is not None:
                 print(f"skip {name:<17} {backend:<7} {why}", flush=True)
                 continue
             for dtype in DTYPES:
                 generator = torch.Generator().manual_seed(0)
                 inputs = spec.make_inputs(suite.SMOKE_BATCH, dtype, args.device, generator)
-                grads = common.make_grads(spec, inputs, generator)
+                grads = specs.make_grads(spec, inputs, generator)
                 for pass_ in PASSES:
                     checks += 1
-                    tag = f"{name:<17} {backend:<7} {common.dtype_name(dtype)} {pass_:<7}"
+                    tag = f"{name:<17} {backend:<7} {specs.dtype_name(dtype)} {pass_:<7}"
                     start = time.perf_counter()
                     try:
-                        run, _ = common.pass_fn(spec, backend, inputs, pass_, grads)
+                        run, _ = specs.pass_fn(spec, backend, inputs, pass_, grads)
                         result = run()
                         synchronize(args.device)
                         elapsed = time.perf_counter() - start
-                        common.assert_matches(spec, backend, dtype, result, common.expected_result(spec, inputs, pass_, grads))
+                        checks.assert_matches(spec, backend, dtype, result, checks.expected_result(spec, inputs, pass_, grads))
                     except Exception as exc:  # noqa: BLE001  (report every failing check, then go on)
                         failures += 1
                         detail = traceback.format_exception_only(type(exc), exc)[-1].strip().replace("\n", " ")

@@ -36,12 +36,12 @@ UNITS = {  # ncu prints SI multiples
 
 def cases():
     """(op, backend, dtype name) in profiling order; the backends that cannot run are left out."""
-    from benchmarks import common
+    from benchmarks import specs
 
     out = []
-    for name in common.OPS:
+    for name in specs.OPS:
         for backend in BACKENDS:
-            if common.provider_unavailable(name, backend, "cuda") is None:
+            if specs.provider_unavailable(name, backend, "cuda") is None:
                 out += [(name, backend, d) for d in DTYPE_NAMES]
     return out
 
@@ -49,19 +49,19 @@ def cases():
 def profile() -> int:
     import torch
 
-    from benchmarks import common
+    from benchmarks import specs
 
     if not torch.cuda.is_available():
         print("ncu_kernels: no CUDA device")
         return 2
-    dtypes = {common.dtype_name(d): d for d in (torch.float32, torch.bfloat16)}
+    dtypes = {specs.dtype_name(d): d for d in (torch.float32, torch.bfloat16)}
     runs = []
     for name, backend, dtype_name in cases():
-        spec = common.OPS[name]
+        spec = specs.OPS[name]
         generator = torch.Generator().manual_seed(0)
         inputs = spec.make_inputs(BATCH, dtypes[dtype_name], "cuda", generator)
-        grads = common.make_grads(spec, inputs, generator)
-        run, _ = common.pass_fn(spec, backend, inputs, "fwd+bwd", grads)
+        grads = specs.make_grads(spec, inputs, generator)
+        run, _ = specs.pass_fn(spec, backend, inputs, "fwd+bwd", grads)
         run()  # warm-up outside the profiled region: Triton compiles, allocator grows
         runs.append(((name, backend, dtype_name), run))
     torch.cuda.synchronize()
