@@ -23,7 +23,7 @@
 # --rehearse: the same script on this CPU machine, in a copy of the tree made as a device call makes
 # it (tracked and untracked-not-ignored files plus .gpu-bundle), in the torch 2.11 venv (.venv211,
 # `make venv211`); the GPU steps run on CPU tensors or say why they cannot; then the returned files
-# are checked (tools/gpu_check_report.py files). Budget 180 s by default.
+# are checked (tools/gpu_check_report.py files). Budget 240 s by default.
 # Environment: PY (default python3; .venv211/bin/python when rehearsing), MAX_JOBS (fallback build).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,7 +49,7 @@ if [ "$REHEARSE" = 1 ]; then
   # A copy as the device gets it, the check in it, then a check of what it would return.
   PY=${PY:-$ROOT/.venv211/bin/python}
   [ -x "$PY" ] || { echo "gpu_check --rehearse: no $PY (make venv211)" >&2; exit 2; }
-  [ "$BUDGET" = 480 ] && BUDGET=180
+  [ "$BUDGET" = 480 ] && BUDGET=240
   WORK=$(mktemp -d /tmp/gpu_check_rehearsal.XXXXXX)
   "$PY" "$ROOT/tools/gpu_bundle.py" copy-tree "$WORK/repo" || exit 2
   [ -d "$ROOT/.gpu-bundle" ] && cp -r "$ROOT/.gpu-bundle" "$WORK/repo/.gpu-bundle"
@@ -260,7 +260,7 @@ rm -f "$STEP_OUT"
 note "gpu_check: $FAILED failed step(s), $((SECONDS - T0)) s of the $BUDGET s budget; files in $DIR:"
 (cd "$DIR" && ls -l | tail -n +2 | awk '{print "  " $5 "\t" $NF}') | tee -a "$SUMMARY"
 if [ "$REHEARSE" != 2 ]; then  # what the lease would return: $OUT holds this run's folder only
-  "$PY" tools/gpu_check_report.py files "${OUT_ROOT:+$OUT_ROOT}${OUT_ROOT:-$DIR}" 2>&1 | tee -a "$SUMMARY"
+  "$PY" tools/gpu_check_report.py files "${OUT_ROOT:-$DIR}" 2>&1 | tee -a "$SUMMARY"
 fi
 echo "===== $SUMMARY"
 cat "$SUMMARY"
