@@ -136,14 +136,17 @@ def test_bundle_misfit_says_why(tmp_path):
 
 
 def test_pytest_time_box_skips_what_did_not_start(tmp_path):
+    (tmp_path / "test_models_x.py").write_text("def test_model():\n    pass\n")
     (tmp_path / "test_sample.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", "-p", "tools.gpu_pytest",
            "-rs", "--rootdir", str(tmp_path)]
     out = subprocess.run(cmd + ["--gpu-deadline-at", str(time.time())], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "2 skipped" in out.stdout and "time box" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run(cmd + ["--gpu-deadline-at", str(time.time() + 600)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "2 passed" in out.stdout, out.stdout + out.stderr
+    assert "3 skipped" in out.stdout and "time box" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(cmd + ["-vv", "--gpu-deadline-at", str(time.time() + 600)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "3 passed" in out.stdout, out.stdout + out.stderr
+    order = [line.split("::")[1].split()[0] for line in out.stdout.splitlines() if "::test_" in line and "PASSED" in line]
+    assert order == ["test_one", "test_two", "test_model"], order  # the whole-model tests last
 
 
 def test_benchmarks_deadline_lists_the_rows_not_run(tmp_path):

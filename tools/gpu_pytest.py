@@ -5,13 +5,16 @@
 From that time (seconds since the epoch, so that the interpreter's start and the collection count
 too) no further test starts: every remaining test is reported as skipped with the reason, so the
 run ends on its own with its junit XML written and its counts honest (a run killed by `timeout`
-would leave no report at all).
+would leave no report at all). With the time box, the kernel tests run first and the whole-model
+tests (tests/test_models_*, which compile whole models on a GPU) last, so that a short box spends
+itself on the kernels.
 """
 import time
 
 import pytest
 
 _state = {"deadline": None}
+LAST = ("test_models_", "test_workflows")
 
 
 def pytest_addoption(parser):
@@ -25,6 +28,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     _state["deadline"] = config.getoption("--gpu-deadline-at")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if _state["deadline"] is not None:
+        items.sort(key=lambda item: any(part in item.nodeid for part in LAST))  # stable: otherwise as collected
 
 
 @pytest.hookimpl(tryfirst=True)
