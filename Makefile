@@ -45,7 +45,8 @@ PY211 := $(VENV211)/bin/python
 PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)) $(PYTHON))
 TESTS_TORCH211 ?= tests/test_patch_pool.py tests/test_token_pool.py tests/test_pool_backward.py \
 	tests/test_dan_spatial_pool.py tests/test_dan_head_fusion.py tests/test_api.py tests/test_triton_backend.py \
-	tests/test_cuda_build.py tests/test_models_apvit.py tests/test_models_dan.py tests/test_nn_dan.py
+	tests/test_cuda_build.py tests/test_registry.py tests/test_gpu_check_tools.py \
+	tests/test_models_apvit.py tests/test_models_dan.py tests/test_nn_dan.py
 
 .PHONY: venv211 gpu-bundle test-torch2.11 gpu-rehearse
 
