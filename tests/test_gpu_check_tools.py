@@ -138,8 +138,8 @@ def test_bundle_misfit_says_why(tmp_path):
 def test_pytest_time_box_skips_what_did_not_start(tmp_path):
     (tmp_path / "test_models_x.py").write_text("def test_model():\n    pass\n")
     (tmp_path / "test_sample.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", "-p", "tools.gpu_pytest",
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tools"))
+    cmd = [sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", "-p", "gpu_pytest",
            "-rs", "--rootdir", str(tmp_path)]
     out = subprocess.run(cmd + ["--gpu-deadline-at", str(time.time())], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "3 skipped" in out.stdout and "time box" in out.stdout, out.stdout + out.stderr

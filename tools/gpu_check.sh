@@ -168,7 +168,8 @@ if skipped pytest; then note "pytest: skipped (--skip)"
 else
   if [ "$HAVE_GPU" = 1 ]; then PBOX=$(box $((BUDGET * 30 / 100))); else PBOX=$(box 60); fi
   # no test starts in the last 15 s of the box: pytest then ends by itself and writes the junit XML
-  run pytest "$PBOX" "$PY" -m pytest tests -q -p no:cacheprovider -p tools.gpu_pytest -rfE \
+  # the plugin by its module name from tools/ (a `tools` package elsewhere could shadow tools.gpu_pytest)
+  run pytest "$PBOX" env PYTHONPATH="$ROOT/tools:$PYTHONPATH" "$PY" -m pytest tests -q -p no:cacheprovider -p gpu_pytest -rfE \
     -m "not slow" -k "cuda or triton_backend" --gpu-deadline-at $(($(date +%s) + PBOX - 15)) \
     --junitxml="$JUNIT" --durations=10
   [ "$HAVE_GPU" = 1 ] || sed -i '$ s/$/  [no CUDA device: the same selection on CPU tensors, Triton interpreted]/' "$SUMMARY"

@@ -1,6 +1,6 @@
 """pytest plugin of tools/gpu_check.sh (step b): a time box that ends a test run cleanly.
 
-    pytest -p tools.gpu_pytest --gpu-deadline-at "$(( $(date +%s) + 150 ))" ...
+    PYTHONPATH=tools pytest -p gpu_pytest --gpu-deadline-at "$(( $(date +%s) + 150 ))" ...
 
 From that time (seconds since the epoch, so that the interpreter's start and the collection count
 too) no further test starts: every remaining test is reported as skipped with the reason, so the
