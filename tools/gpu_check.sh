@@ -97,7 +97,8 @@ box() {  # box WANT: WANT seconds, or what is left of the budget when that is le
 }
 skipped() { case " $SKIP_STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 STEP_OUT=$(mktemp /tmp/gpu_check_step.XXXXXX)  # outside $OUT: a killed run must not leave it there
-# run NAME BOX COMMAND...: the command under `timeout BOX`, its output into gpu_check.log; sets RC.
+# run NAME BOX COMMAND...: the command under `timeout BOX` (signal RUN_SIGNAL, default TERM), its
+# output into gpu_check.log; sets RC.
 run() {
   local name=$1 limit=$2 start=$SECONDS
   shift 2
@@ -108,7 +109,7 @@ run() {
     return
   fi
   echo "===== $name (box $limit s): $*" >> "$LOG"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$STEP_OUT" 2>&1
+  timeout --signal="${RUN_SIGNAL:-TERM}" --kill-after=20 "$limit" "$@" > "$STEP_OUT" 2>&1
   RC=$?
   cat "$STEP_OUT" >> "$LOG"
   local took=$((SECONDS - start))
@@ -167,9 +168,10 @@ JUNIT=$DIR/junit.xml
 if skipped pytest; then note "pytest: skipped (--skip)"
 else
   if [ "$HAVE_GPU" = 1 ]; then PBOX=$(box $((BUDGET * 30 / 100))); else PBOX=$(box 60); fi
-  # no test starts in the last 15 s of the box: pytest then ends by itself and writes the junit XML
-  # the plugin by its module name from tools/ (a `tools` package elsewhere could shadow tools.gpu_pytest)
-  run pytest "$PBOX" env PYTHONPATH="$ROOT/tools:$PYTHONPATH" "$PY" -m pytest tests -q -p no:cacheprovider -p gpu_pytest -rfE \
+  # No test starts in the last 15 s of the box, so pytest normally ends by itself; a test still
+  # running at the end gets SIGINT, on which pytest stops and still writes the junit XML. The
+  # plugin is loaded by its module name from tools/ (a `tools` package elsewhere could shadow it).
+  RUN_SIGNAL=INT run pytest "$PBOX" env PYTHONPATH="$ROOT/tools:$PYTHONPATH" "$PY" -m pytest tests -q -p no:cacheprovider -p gpu_pytest -rfE \
     -m "not slow" -k "cuda or triton_backend" --gpu-deadline-at $(($(date +%s) + PBOX - 15)) \
     --junitxml="$JUNIT" --durations=10
   [ "$HAVE_GPU" = 1 ] || sed -i '$ s/$/  [no CUDA device: the same selection on CPU tensors, Triton interpreted]/' "$SUMMARY"

@@ -9,6 +9,7 @@ would leave no report at all). With the time box, the kernel tests run first and
 tests (tests/test_models_*, which compile whole models on a GPU) last, so that a short box spends
 itself on the kernels.
 """
+import signal
 import time
 
 import pytest
@@ -28,6 +29,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     _state["deadline"] = config.getoption("--gpu-deadline-at")
+    if _state["deadline"] is not None:
+        # gpu_check.sh ends an overrunning run with SIGINT, on which pytest still writes its reports;
+        # a shell that started this one in the background may have left SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(session, config, items):

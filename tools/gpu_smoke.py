@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device (torch.cuda.is_available() is False)")
         return 2
-    checks = failures = 0
+    total = failures = 0
     for name, spec in specs.OPS.items():
         for backend in BACKENDS[args.device]:
             why = specs.provider_unavailable(name, backend, args.device)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                 inputs = spec.make_inputs(suite.SMOKE_BATCH, dtype, args.device, generator)
                 grads = specs.make_grads(spec, inputs, generator)
                 for pass_ in PASSES:
-                    checks += 1
+                    total += 1
                     tag = f"{name:<17} {backend:<7} {specs.dtype_name(dtype)} {pass_:<7}"
                     start = time.perf_counter()
                     try:
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
                         print(f"FAIL {tag} {detail[:400]}", flush=True)
                         continue
                     print(f"ok   {tag} {elapsed * 1e3:8.1f} ms (first call, compile included)", flush=True)
-    print(f"gpu_smoke: {checks} checks on {args.device} tensors, {failures} failed")
-    if checks == 0:
+    print(f"gpu_smoke: {total} checks on {args.device} tensors, {failures} failed")
+    if total == 0:
         return 2
     return 1 if failures else 0
 
