@@ -75,13 +75,12 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def apkernels_ops_in(graph_module) -> list[str]:
-    """The targets of calls to torch.ops.apkernels.* in an FX graph (empty when fully decomposed)."""
-    found = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function" and "apkernels" in str(getattr(node.target, "namespace", "")) + str(node.target):
-            found.append(str(node.target))
-    return found
+def check_standard_ops(program: torch.export.ExportedProgram) -> None:
+    """Raise RuntimeError when the graph calls torch.ops.apkernels.* (it would need apkernels to run)."""
+    leftover = sorted({str(node.target) for node in program.graph_module.graph.nodes
+                       if node.op == "call_function" and str(node.target).startswith("apkernels.")})
+    if leftover:
+        raise RuntimeError(f"export: the graph still calls apkernels ops {leftover}: it needs apkernels to run")
 
 
 def export_program(model_name: str, model: nn.Module, batch: int = 2) -> torch.export.ExportedProgram:
@@ -90,9 +89,7 @@ def export_program(model_name: str, model: nn.Module, batch: int = 2) -> torch.e
     batch_dim = torch.export.Dim("batch", min=MIN_BATCH, max=MAX_BATCH)
     with torch.no_grad():
         program = torch.export.export(wrapper, (example_input(model, batch),), dynamic_shapes=({0: batch_dim},))
-    leftover = apkernels_ops_in(program.graph_module)
-    if leftover:
-        raise RuntimeError(f"export: the graph still calls apkernels ops {leftover}: it needs apkernels to run")
+    check_standard_ops(program)
     return program
 
 
@@ -107,14 +104,20 @@ def _onnx_stable_sort(self, *, stable=None, dim: int = -1, descending: bool = Fa
     return values, indices
 
 
-def export_onnx(model_name: str, model: nn.Module, path: str, batch: int = 2, opset: int = 18) -> None:
-    """ONNX through torch.onnx's torch.export-based exporter (needs onnxscript), dynamic batch."""
-    program = export_program(model_name, model, batch)
-    onnx_program = torch.onnx.export(program, (example_input(model, batch),), dynamo=True, opset_version=opset,
-                                     input_names=["images"], output_names=list(OUTPUT_NAMES[model_name]),
+def program_to_onnx(program: torch.export.ExportedProgram, example: tuple, path: str, input_names, output_names,
+                    opset: int = 18) -> None:
+    """Write an exported program as ONNX through torch.onnx's torch.export-based exporter (needs onnxscript)."""
+    onnx_program = torch.onnx.export(program, example, dynamo=True, opset_version=opset, input_names=list(input_names),
+                                     output_names=list(output_names),
                                      custom_translation_table={torch.ops.aten.sort.stable: _onnx_stable_sort},
                                      verbose=False)
     onnx_program.save(path)
+
+
+def export_onnx(model_name: str, model: nn.Module, path: str, batch: int = 2, opset: int = 18) -> None:
+    """ONNX of the wrapped model, dynamic batch."""
+    program = export_program(model_name, model, batch)
+    program_to_onnx(program, (example_input(model, batch),), path, ["images"], OUTPUT_NAMES[model_name], opset)
 
 
 def export_pt2(model_name: str, model: nn.Module, path: str, batch: int = 2) -> None:
