@@ -45,7 +45,7 @@ DAN_CROP_MARGIN = 0.0  # extra side, as a fraction of the box's longer side, aro
 class Face:
     """One detected face, in the photo's pixel coordinates.
 
-    box: (x0, y0, x1, y1); score: the detector's confidence (None for Haar); landmarks: 5 (x, y)
+    box: (x0, y0, x1, y1), in the landmarks' coordinates (pixel centres at integers); score: the detector's confidence (None for Haar); landmarks: 5 (x, y)
     points (eyes, nose, mouth corners, left to right in the image), or None when the detector gives none.
     """
 
@@ -163,13 +163,6 @@ def square_box(box: Sequence[float], margin: float = 0.0) -> tuple:
     return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
-def crop_box(image: Image.Image, box: Sequence[float], size: int) -> Image.Image:
-    """The region `box` (may extend past the photo: black there) resized to `size` x `size`."""
-    x0, y0, x1, y1 = box
-    return image.transform((size, size), Image.EXTENT, (x0, y0, x1, y1), resample=Image.BILINEAR,
-                           fillcolor=(0, 0, 0))
-
-
 def template_transform(landmarks, size: int = TEMPLATE_SIZE) -> np.ndarray:
     """2 x 3 matrix from the `size` x `size` template's pixels to the photo's (for `warp_affine`)."""
     template = FACE_TEMPLATE_112 * (size / TEMPLATE_SIZE)
@@ -189,9 +182,9 @@ def align_face(image: Image.Image, face: Face, model_name: str, size: int, margi
         return warp_affine(image, matrix, size), matrix
     x0, y0, x1, y1 = square_box(face.box, margin if model_name == "dan" else 0.0)
     scale = (x1 - x0) / size
-    # pixel centre i of the crop sits at x0 + (i + 0.5) * scale in PIL's (+0.5) convention
-    matrix = np.array([[scale, 0.0, x0 + 0.5 * scale - 0.5], [0.0, scale, y0 + 0.5 * scale - 0.5]])
-    return crop_box(image, (x0, y0, x1, y1), size), matrix
+    # the crop's outer edges (-0.5 and size - 0.5) land on the square's edges; past the photo: black
+    matrix = np.array([[scale, 0.0, x0 + 0.5 * scale], [0.0, scale, y0 + 0.5 * scale]])
+    return warp_affine(image, matrix, size), matrix
 
 
 def map_points(matrix: np.ndarray, points) -> np.ndarray:
