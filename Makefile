@@ -12,10 +12,11 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.requirements-installed
 
-$(VENV)/.requirements-installed: requirements.txt
+$(VENV)/.requirements-installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 build: venv
