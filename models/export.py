@@ -23,7 +23,8 @@ import warnings
 import torch
 from torch import nn
 
-from . import engine
+from . import checkpoint as checkpoints
+from . import cli, modeling
 
 FORMATS = ("onnx", "pt2")
 OUTPUT_NAMES = {"apvit": ("logits", "patch_index", "kept_positions"), "dan": ("logits", "attention")}
@@ -59,14 +60,14 @@ def load_model(model_name: str, checkpoint: str | None, classes=None, model_kwar
     when `checkpoint` is None."""
     cpu = torch.device("cpu")
     if checkpoint:
-        model = engine.load_for_inference(model_name, checkpoint, cpu, classes, model_kwargs, input_size)
+        model = checkpoints.load_for_inference(model_name, checkpoint, cpu, classes, model_kwargs, input_size)
     else:
         warnings.warn(f"export: no --checkpoint given: exporting {model_name} with RANDOM weights", stacklevel=2)
         kwargs = dict(model_kwargs or {})
         if input_size is not None and model_name == "apvit":
             kwargs["input_size"] = input_size
-        names = classes or engine.model_classes(model_name, None, int(kwargs.pop("num_classes", 7)))
-        model = engine.build_model(model_name, names, kwargs, input_size).eval()
+        names = classes or modeling.model_classes(model_name, None, int(kwargs.pop("num_classes", 7)))
+        model = modeling.build_model(model_name, names, kwargs, input_size).eval()
     return use_reference_backend(model)
 
 
@@ -156,4 +157,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, "python -m models.export")
+    cli.run_cli(main, "python -m models.export")
