@@ -141,7 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> str:
+def run(argv=None) -> str:
+    """Parse the options, export, print a summary; returns the written path."""
     args = parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     model = load_model(args.model, args.checkpoint, classes, json.loads(args.model_kwargs), args.input_size)
@@ -156,5 +157,11 @@ def main(argv=None) -> str:
     return args.out
 
 
+def main(argv=None) -> None:
+    """Command-line entry point (`python -m models.export`, console script `apkernels-export`): a bad
+    option value or a missing file ends with one readable line (exit 2)."""
+    cli.run_cli(lambda: run(argv), "models.export")
+
+
 if __name__ == "__main__":
-    cli.run_cli(main, "python -m models.export")
+    main()

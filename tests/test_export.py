@@ -172,7 +172,7 @@ def test_pt2_runs_in_a_python_without_apkernels(exported, tmp_path):
 def test_cli_exports_random_weights_with_a_warning(tmp_path, capsys):
     out = tmp_path / "sub" / "apvit.pt2"
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        export.main(["--model", "apvit", "--format", "pt2", "--out", str(out), "--model-kwargs", json.dumps(TINY_APVIT)])
+        export.run(["--model", "apvit", "--format", "pt2", "--out", str(out), "--model-kwargs", json.dumps(TINY_APVIT)])
     assert "input images [batch, 3, 32, 32]" in capsys.readouterr().out
     program = torch.export.load(str(out))
     logits, patch_index, kept = program.module()(torch.randn(2, 3, 32, 32))
@@ -187,12 +187,20 @@ def test_cli_exports_a_checkpoint_to_onnx(tmp_path):
     out = tmp_path / "apvit.onnx"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export.main(["--model", "apvit", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out),
+        export.run(["--model", "apvit", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out),
                      "--model-kwargs", json.dumps(TINY_APVIT)])
     assert not [w for w in caught if "RANDOM" in str(w.message)]  # a checkpoint: no random-weights warning
     images = _images(model, 2)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})
     _compare("apvit", got, _eager("apvit", model, images))
+
+
+def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--model", "dan", "--checkpoint", str(tmp_path / "missing.pth"), "--format", "onnx",
+                     "--out", str(tmp_path / "dan.onnx")])
+    assert exit_info.value.code == 2
+    assert "missing.pth" in capsys.readouterr().err and not (tmp_path / "dan.onnx").exists()
 
 
 def test_cli_rejects_bad_arguments():
