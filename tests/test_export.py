@@ -27,6 +27,10 @@ LOGIT_TOLERANCE = 1e-4
 
 def _calibrate_batchnorm(model, size: int):
     gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # the plain average over the calibration batches
     model.train()
     with torch.no_grad():
         for _ in range(2):
