@@ -152,7 +152,7 @@ def test_corrupt_missing_and_empty_errors(tmp_path):
     ds[0]
     with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
         ds[1]
-    with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
+    with pytest.raises(ValueError, match="unreadable image.*train_00002_aligned.jpg"):  # checked before training
         train.main(train_args(tmp_path, tmp_path / "run", epochs=1))
     os.remove(tmp_path / "Image" / "aligned" / "test_00001_aligned.jpg")
     with pytest.raises(FileNotFoundError, match="test_00001_aligned.jpg"):
@@ -223,7 +223,7 @@ def test_evaluate_metrics_match_hand_computed(tmp_path, monkeypatch):
         lines.append(f"test_{i + 1:05d}.jpg {label}")
     os.makedirs(tmp_path / "EmoLabel")
     (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(engine, "load_for_inference", lambda *a, **k: _GreyLevelModel(APVIT_RAFDB_CLASSES))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda *a, **k: _GreyLevelModel(APVIT_RAFDB_CLASSES))
     out = tmp_path / "eval" / "metrics.json"
     evaluate.main(["--model", "apvit", "--checkpoint", "unused.pt", "--dataset", "rafdb", "--data-root",
                    str(tmp_path), "--device", "cpu", "--workers", "0", "--json", str(out)])
