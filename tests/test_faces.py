@@ -176,10 +176,10 @@ def test_predict_on_photos(name, photos, tmp_path):
     torch.manual_seed(0)
     if name == "apvit":
         checkpoint = {"state_dict": build_model("apvit", **SMALL_APVIT).state_dict()}
-        extra, classes, size = ["--model-kwargs", json.dumps(SMALL_APVIT)], APVIT_RAFDB_CLASSES, 112
+        extra, classes, panels = ["--model-kwargs", json.dumps(SMALL_APVIT)], APVIT_RAFDB_CLASSES, 2
     else:
         checkpoint = {"model_state_dict": build_model("dan").official_state_dict()}
-        extra, classes, size = [], DAN_RAFDB_CLASSES, 224
+        extra, classes, panels = [], DAN_RAFDB_CLASSES, 4
     torch.save(checkpoint, tmp_path / "model.pth")
     results = predict.main(["--model", name, "--checkpoint", str(tmp_path / "model.pth"), "--device", "cpu", *extra,
                             "--json", str(tmp_path / "out.json"), "--annotate", str(tmp_path / "annotated"),
@@ -200,4 +200,4 @@ def test_predict_on_photos(name, photos, tmp_path):
     assert drawn.getpixel((x0, (y0 + y1) // 2)) == (0, 255, 0)
     assert os.listdir(tmp_path / "attention") == ["00000_astronaut_face0_attention.png"]
     crop_overlay = Image.open(tmp_path / "attention" / "00000_astronaut_face0_attention.png")
-    assert crop_overlay.size[1] == 224 + 16 and size in (112, 224)
+    assert crop_overlay.size == (panels * 224, 224 + 16)  # APViT: patch / token pooling; DAN: one per head
