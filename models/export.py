@@ -160,7 +160,7 @@ def run(argv=None) -> str:
 def main(argv=None) -> None:
     """Command-line entry point (`python -m models.export`, console script `apkernels-export`): a bad
     option value or a missing file ends with one readable line (exit 2)."""
-    cli.run_cli(lambda: run(argv), "models.export")
+    cli.run_cli(lambda: run(argv), cli.prog_name("models.export"))
 
 
 if __name__ == "__main__":
