@@ -181,3 +181,38 @@ def test_contract_empty_inputs(device, backend):
         assert not rows.any() and not total.any()
         rows, empty = op(grad, index, num_rows, False)
         assert rows.shape == (B, num_rows, C) and empty.numel() == 0
+
+
+# The compiled kernels (CPU, CUDA) accumulate a repeated row in fp32 (fp64 for fp64) and round once,
+# on both CUDA paths (16-byte packs: C = 20; scalar: C = 13) with random values.
+NATIVE_DTYPES = [p for p in BACKEND_DTYPES if p.values[1] in ("cpu", "cuda")] or [
+    pytest.param("cpu", None, torch.float32, marks=pytest.mark.skip(reason="no compiled pool_backward kernel"))
+]
+
+
+def sequential_scatter_add(grad, index, num_rows):
+    """rows[b, p] = sum of grad[b, j] over index[b, j] == p, j ascending, accumulated in fp32
+    (fp64 for fp64) and rounded once."""
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    B, K, C = grad.shape
+    rows = torch.zeros(B, num_rows, C, dtype=acc_dtype)
+    for b in range(B):
+        for j in range(K):
+            rows[b, index[b, j]] += grad[b, j].cpu().to(acc_dtype)
+    return rows.to(grad.dtype)
+
+
+@pytest.mark.parametrize("device,backend,dtype", NATIVE_DTYPES)
+def test_native_repeated_rows_round_once(device, backend, dtype):
+    g = torch.Generator().manual_seed(5)
+    B, K, num_rows = 3, 9, 6
+    for channels in (20, 13):
+        grad = torch.randn(B, K, channels, generator=g).to(device=device, dtype=dtype)
+        index = torch.randint(0, num_rows, (B, K), generator=g)
+        index[0, :4] = 2  # a row hit four times
+        index[1] = torch.arange(K) % 3  # every hit row repeated, rows 3.. untouched
+        index = index.to(device)
+        expected = sequential_scatter_add(grad, index.cpu(), num_rows)
+        rows, total = op_for("pool_backward", backend)(grad, index, num_rows, True)
+        assert torch.equal(rows.cpu(), expected)
+        assert_close(total.cpu(), expected.double().sum(0).to(dtype), dtype)
