@@ -217,8 +217,9 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         if pass_ == "fwd+bwd":
             plans.append(reduce_s)
             plans.append(Launch(rf"channel_reduce_kernel<false, {t}, float>", (B * M * math.ceil(P / 32),), 256))
-            plans.append(Launch(rf"grad_x_kernel<{t}, float>", (_elementwise_blocks(B * C * P),), 256))
-            plans.append(Launch(rf"grad_z_kernel<{t}, float>", (_elementwise_blocks(B * M * C2 * P),), 256))
+            # (index type uint32 at these sizes; older sources had none)
+            plans.append(Launch(rf"grad_x_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * C * P),), 256))
+            plans.append(Launch(rf"grad_z_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * M * C2 * P),), 256))
     elif op == "dan_head_fusion":
         C = shapes["C"]
         plans.append(Launch(rf"head_fusion_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
@@ -255,6 +256,53 @@ def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
 
 
 # ---------------------------------------------------------------------------------- Triton side
+# Aten ops that move data, recorded around the Triton launchers: (op, pass, dtype, batch) -> [name].
+recorded_aten = {}
+_NO_DATA_MOVEMENT = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "as_strided",
+                     "expand", "permute", "select", "slice", "unsqueeze", "squeeze", "reshape", "_reshape_alias",
+                     "t", "transpose", "detach", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
+                     "is_same_size", "_to_copy_meta", "min", "max", "aminmax", "item", "_local_scalar_dense",
+                     "lt", "ge", "any", "all", "eq", "ne", "gt", "le", "logical_or", "bitwise_or", "__or__")
+
+
+def _aten_name(func) -> str:
+    return func.__name__.split(".")[0]
+
+
+class _AtenWork:
+    """Records the aten ops a launcher runs besides its Triton kernels that touch tensor data
+    (fills, copies, dtype conversions), with the torch profiler (nested ops included); index
+    checks (min/max) and allocations are left out. Only while `active` (inside the op calls)."""
+
+    def __enter__(self):
+        self.ops, self.active, self._windows = [], False, []
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def call(self, fn, *args):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn(*args)
+        for event in prof.events():
+            name = event.name
+            if name.startswith("aten::") and name[6:] not in _NO_DATA_MOVEMENT and not _inside_aten(event):
+                self.ops.append(name[6:])
+        return out
+
+
+def _inside_aten(event) -> bool:
+    """True for an aten op called by another aten op (e.g. the fill_ inside zeros): count the outer one."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     """[(JITFunction, grid, args, kwargs)] of one call of the Triton op (and its backward), recorded
     from the launcher without running anything."""
@@ -273,8 +321,9 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     if saved[1] is not None:
         _common.check_launch = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
     try:
-        with torch.no_grad():
-            _run_op(op, pass_, dtype, batch, "_triton")
+        with torch.no_grad(), _AtenWork() as aten:
+            _run_op(op, pass_, dtype, batch, "_triton", inputs_outside=aten)
+        recorded_aten[(op, pass_, dtype, batch)] = aten.ops
     finally:
         JITFunction.run = saved[0]
         if saved[1] is not None:
@@ -282,8 +331,9 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     return recorded
 
 
-def _run_op(op, pass_, dtype, batch, suffix):
-    """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs."""
+def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
+    """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs.
+    `inputs_outside` (an _AtenWork) records the aten ops of the op calls (not of building inputs)."""
     import torch
 
     from benchmarks import specs as common
@@ -292,7 +342,10 @@ def _run_op(op, pass_, dtype, batch, suffix):
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     inputs = spec.make_inputs(batch, torch_dtype, "cpu", torch.Generator().manual_seed(0))
     ops = torch.ops.apkernels
-    fn = lambda name: getattr(ops, name + suffix)  # noqa: E731
+
+    def fn(name):
+        op_fn = getattr(ops, name + suffix)
+        return op_fn if inputs_outside is None else lambda *args: inputs_outside.call(op_fn, *args)
     if op == "patch_pool":
         x = inputs["x"]
         tokens, index = fn("patch_pool")(x, common.APVIT_KEEP, inputs["pos"], "sum_abs")
@@ -470,7 +523,9 @@ def triton_rows(batches, dtypes) -> list:
                         grid = tuple(grid) if not callable(grid) else tuple(grid(kwargs))
                         res, shared, warps = triton_compile(jit_fn, args, kwargs, cache)
                         kernels.append(kernel_entry(jit_fn.__name__, res, grid, warps * 32, shared))
-                    rows.append(make_row(op, "triton", pass_, dtype, batch, kernels, counters=None))
+                    row = make_row(op, "triton", pass_, dtype, batch, kernels, counters=None)
+                    row["host_aten_ops"] = recorded_aten.get((op, pass_, dtype, batch), [])
+                    rows.append(row)
     return rows
 
 
@@ -496,6 +551,7 @@ def make_row(op, backend, pass_, dtype, batch, kernels, counters):
 
 def _short(name: str) -> str:
     """A demangled name without namespaces and parameter list."""
+    name = re.sub(r"^void ", "", name)
     name = re.sub(r"\(anonymous namespace\)::", "", name)
     name = name.replace("apkernels::cuda::", "").replace("apkernels::", "")
     depth, out = 0, []
@@ -515,8 +571,11 @@ def format_table(rows) -> str:
              "|" + "---|" * 16]
     for r in rows:
         ratio = "n/a" if r["global_bytes"] is None else f"{r['global_bytes'] / r['minimal_bytes']:.2f}"
+        launches = str(r["launches"])
+        if r.get("host_aten_ops"):
+            launches += " + aten " + ", ".join(r["host_aten_ops"])
         for i, k in enumerate(r["kernels"]):
-            head = [r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), str(r["launches"])] if i == 0 \
+            head = [r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), launches] if i == 0 \
                 else [""] * 6
             tail = [f"{ratio} ({r['minimal_bytes'] / 1e6:.1f} MB min)" if i == 0 else ""]
             lines.append("| " + " | ".join(head + [

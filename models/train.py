@@ -142,6 +142,33 @@ def _log(rank: int, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, recipe: recipes.Recipe,
+                device: torch.device, amp: str = "none", desc: str = "train", show_progress: bool = True,
+                before_batch=None) -> torch.Tensor:
+    """One epoch of the recipe's training steps over `loader` (the scheduler steps after it):
+    `trainer` is `step` or its DDP wrapper; `before_batch(index)` runs before each batch. Returns
+    float64 sums over the samples: loss, correct, count, affinity, partition."""
+    step.train()
+    sums = torch.zeros(5, dtype=torch.float64)
+    bar = tqdm(loader, desc=desc, disable=not show_progress, leave=False)
+    for batch, (images, labels) in enumerate(bar):
+        if before_batch is not None:
+            before_batch(batch)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with engine.autocast(device, amp):
+            logits, loss, parts = trainer(images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr?)")
+        recipes.optimisation_step(recipe, optimizer, scaler, step.parameters(), loss)
+        n = labels.numel()
+        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n,
+                              float(parts.get("affinity", 0.0)) * n, float(parts.get("partition", 0.0)) * n],
+                             dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+    return sums
+
+
 def train(args, rank: int, world: int, device: torch.device) -> dict:
     if not args.resume:
         engine.claim_run_dir(args.out, args.overwrite)
@@ -180,7 +207,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     engine.seed_everything(args.seed)
     model = engine.build_model(args.model, classes, args.model_kwargs, args.input_size)
     train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
-                                       recipes.train_transform(args.model, model))
+                                       recipes.train_transform(args.model, model, args.dataset))
     test_set = fer_data.build_dataset(args.dataset, args.data_root, args.eval_split, classes,
                                       recipes.eval_transform(model))
     bad_images = []
@@ -195,7 +222,9 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         for report in reports if isinstance(reports, (list, tuple)) else [reports]:
             if report is not None:
                 _log(rank, str(report))
-    step = engine.TrainStep(args.model, model).to(device)
+    if resume is None:
+        recipes.initialise(recipe, model)
+    step = engine.TrainStep(args.model, model, recipe.affinity_centres).to(device)
     optimizer = recipes.build_optimizer(recipe, step.named_parameters())
     scheduler = recipes.build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -243,29 +272,9 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         t0 = time.time()
         sampler.set_epoch(epoch)
         _seed_epoch(args.seed, epoch, rank)
-        step.train()
         lr = optimizer.param_groups[0]["lr"]
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, count, affinity, partition
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=rank != 0, leave=False)
-        for images, labels in bar:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with engine.autocast(device, args.amp):
-                logits, loss, parts = trainer(images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} (lower --lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(step.parameters(), recipe.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            n = labels.numel()
-            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n,
-                                  float(parts.get("affinity", 0.0)) * n, float(parts.get("partition", 0.0)) * n],
-                                 dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+        sums = train_epoch(trainer, step, train_loader, optimizer, scaler, recipe, device, args.amp,
+                           desc=f"epoch {epoch + 1}/{recipe.epochs}", show_progress=rank == 0)
         if world > 1:
             sums = sums.to(engine._dist_device())
             dist.all_reduce(sums)

@@ -290,7 +290,8 @@ def test_predict_matches_evaluate(raf, apvit_run, tmp_path):
     truth = raf_truth(raf, "test")
     paths = [p for p, _ in truth][::-1]  # predict keeps the input order, whatever it is
     preds = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu", "--batch-size", "3",
-                          "--json", str(tmp_path / "p.json"), "--attention-out", str(tmp_path / "att"), *paths])
+                          "--no-detect", "--json", str(tmp_path / "p.json"), "--attention-out", str(tmp_path / "att"),
+                          *paths])
     assert json.loads((tmp_path / "p.json").read_text()) == preds
     assert [p["path"] for p in preds] == paths
     names = dict(truth)
@@ -304,7 +305,7 @@ def test_predict_matches_evaluate(raf, apvit_run, tmp_path):
     assert len(overlays) == len(paths) and overlays[0] == "00000_test_00008_aligned_attention.png"
     assert Image.open(tmp_path / "att" / overlays[0]).size == (2 * 224, 224 + 16)
     # A directory expands to its images, sorted.
-    listed = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu",
+    listed = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu", "--no-detect",
                            str(raf / "Image" / "aligned")])
     assert [p["path"] for p in listed] == sorted(p for p, _ in raf_truth(raf, "train") + truth)
 
@@ -338,7 +339,7 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
         assert h["train_affinity"] > 0 and h["train_partition"] > 0 and h["train_loss"] > h["train_affinity"]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["classes"] == list(DAN_RAFDB_CLASSES) and ckpt["input_size"] == 32
-    assert ckpt["loss_state_dict"]["affinity.centers"].shape == (7, 512)
+    assert ckpt["loss_state_dict"]["affinity.centers"].shape == (8, 512)  # rafdb.py's AffinityLoss default
     assert ckpt["config"]["recipe"]["schedule"] == "step" and ckpt["config"]["recipe"]["optimizer"] == "sgd"
     n_model = sum(1 for k in ckpt["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert len(ckpt["optimizer"]["state"]) == n_model + 1  # the affinity centres are optimised too
@@ -354,10 +355,30 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
 
     images = [p for p, _ in raf_truth(raf, "test")][:2]
     preds = predict.main(["--model", "dan", "--checkpoint", str(official), "--input-size", "32", "--device", "cpu",
-                          "--attention-out", str(tmp_path / "att"), *images])
+                          "--no-detect", "--attention-out", str(tmp_path / "att"), *images])
     assert [p["path"] for p in preds] == images and list(preds[0]["probabilities"]) == list(DAN_RAFDB_CLASSES)
     overlays = sorted(os.listdir(tmp_path / "att"))
     assert len(overlays) == 2 and Image.open(tmp_path / "att" / overlays[0]).size == (4 * 224, 224 + 16)
+
+
+def test_dan_affinity_centres_travel_in_checkpoints_and_resume(raf, tmp_path):
+    """DAN RAF-DB checkpoints hold the official run's 8 affinity centres; a resumed run continues
+    from them (and from their momentum) exactly."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(train_args(raf, whole, model="dan"))
+    train.main(train_args(raf, parts, "--stop-after", "1", model="dan"))
+    halfway = torch.load(parts / "last.pt", map_location="cpu", weights_only=True)
+    train.main(train_args(raf, parts, "--resume", str(parts / "last.pt"), model="dan"))
+    ref = torch.load(whole / "last.pt", map_location="cpu", weights_only=True)
+    got = torch.load(parts / "last.pt", map_location="cpu", weights_only=True)
+    centres = got["loss_state_dict"]["affinity.centers"]
+    assert centres.shape == (8, 512) and got["config"]["recipe"]["affinity_centres"] == 8
+    assert torch.equal(centres, ref["loss_state_dict"]["affinity.centers"])
+    assert not torch.equal(centres, halfway["loss_state_dict"]["affinity.centers"])  # the second epoch moved them
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key
+    for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
 @pytest.mark.skipif(os.environ.get("APKERNELS_SKIP_DDP") == "1", reason="APKERNELS_SKIP_DDP=1")
