@@ -7,7 +7,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import apkernels
-from apkernels import _backend, _extension
+from apkernels import _backend, _emulation, _extension
 
 
 def environment_report() -> list:
@@ -28,6 +28,7 @@ def environment_report() -> list:
         + (f"  (archs {cfg.get('cuda_archs')}, CUDA {cfg.get('cuda')})" if cfg.get("cuda") else ""),
         f"  Triton ops  : {', '.join(sorted(_backend.TRITON_OPS)) or 'none'}"
         + ("  (interpreter)" if _backend.triton_interpreter() else ""),
+        f"  CUDA emulation: {_emulation.status()}",
     ]
     if cfg and cfg.get("torch") != torch.__version__:
         lines.append(f"  WARNING: _C was built against torch {cfg.get('torch')}, running {torch.__version__}: rebuild")
@@ -89,8 +90,9 @@ def main(argv=None) -> None:
         for op, shape, call in demo_cases(device, args.batch):
             ref = call("reference")
             for backend in apkernels.available_backends(op, device):
-                if backend == "triton" and device == "cpu":
-                    print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{'-':>10}  skipped (interpreter: see tests)")
+                if backend in ("triton", "cuda") and device == "cpu":
+                    why = "interpreter" if backend == "triton" else "CUDA emulator"
+                    print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{'-':>10}  skipped ({why}: see tests)")
                     continue
                 out = call(backend)
                 timer = benchmark.Timer("call(backend)", globals={"call": call, "backend": backend})

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from . import _extension
+from . import _emulation, _extension
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 ENV_VAR = "APKERNELS_BACKEND"
@@ -26,6 +26,13 @@ def _unavailable_reason(op: str, backend: str, device: torch.device):
     """None when `backend` can run `op` on `device`, else why not."""
     if backend == "reference":
         return None
+    if backend == "cuda" and device.type == "cpu":
+        if _emulation.available(op):
+            return None  # the CUDA source on the CPU emulator (tests; "auto" never picks it)
+        return (
+            "the 'cuda' backend runs on CUDA tensors, or on CPU tensors with the CUDA emulation build "
+            f"(APKERNELS_CUDA_EMULATION=1: {_emulation.LOAD_ERROR or 'no emulated kernel for ' + op}), got {device}"
+        )
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             return f"the '{backend}' backend runs on {backend} tensors, got tensors on {device}"
@@ -51,12 +58,21 @@ def available(op: str, backend: str, device) -> bool:
 def available_backends(op: str, device) -> list:
     """The concrete backends that can run `op` on `device`, fastest first."""
     device = torch.device(device)
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "triton", "reference")
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "triton", "cuda", "reference")
     return [b for b in order if available(op, b, device)]
 
 
 # dtypes the GPU backends (CUDA, Triton) implement; "auto" sends anything else to the reference.
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def op_suffix(backend: str, device: torch.device) -> str:
+    """The suffix of the `torch.ops.apkernels` op that runs a resolved backend on `device`."""
+    if backend == "triton":
+        return "_triton"
+    if backend == "cuda" and device.type == "cpu":
+        return _emulation.SUFFIX
+    return ""
 
 
 def resolve(op: str, backend, device: torch.device, dtype: torch.dtype | None = None) -> str:

@@ -1,7 +1,7 @@
 """DAN channel gating + attention fusion (SPEC 2.2-2.3) as `torch.ops.apkernels.dan_head_fusion`."""
 import torch
 
-from .. import _backend, _extension, reference
+from .. import _backend, _emulation, _extension, reference
 from .._library import TRITON_SUFFIX, qualname, register_kernel
 from . import _common
 
@@ -45,7 +45,7 @@ def _reference_kernel(g, gate_logits):
     return reference.dan_head_fusion(g, gate_logits)
 
 
-for _suffix in ("", TRITON_SUFFIX):
+for _suffix in ("", TRITON_SUFFIX) + _emulation.OP_SUFFIXES:
     torch.library.register_fake(qualname(OP + _suffix))(_fake)
     torch.library.register_fake(qualname(OP + "_backward" + _suffix))(_fake_backward)
     torch.library.register_autograd(qualname(OP + _suffix), _make_backward(_suffix), setup_context=_setup_context)
@@ -73,5 +73,5 @@ def dan_head_fusion(g, gate_logits, *, backend="auto"):
     chosen = _backend.resolve(OP, backend, g.device, g.dtype)
     if chosen == "reference":
         return reference.dan_head_fusion(g, gate_logits)
-    op = torch.ops.apkernels.dan_head_fusion_triton if chosen == "triton" else torch.ops.apkernels.dan_head_fusion
+    op = getattr(torch.ops.apkernels, OP + _backend.op_suffix(chosen, g.device))
     return op(g, gate_logits)

@@ -1,7 +1,7 @@
 """DAN spatial attention + global average pool (SPEC 2.2) as `torch.ops.apkernels.dan_spatial_pool`."""
 import torch
 
-from .. import _backend, _extension, reference
+from .. import _backend, _emulation, _extension, reference
 from .._library import TRITON_SUFFIX, qualname, register_kernel
 from . import _common
 
@@ -50,7 +50,7 @@ def _reference_kernel(x, z):
     return reference.dan_spatial_pool(x, z)
 
 
-for _suffix in ("", TRITON_SUFFIX):
+for _suffix in ("", TRITON_SUFFIX) + _emulation.OP_SUFFIXES:
     torch.library.register_fake(qualname(OP + _suffix))(_fake)
     torch.library.register_fake(qualname(OP + "_backward" + _suffix))(_fake_backward)
     torch.library.register_autograd(qualname(OP + _suffix), _make_backward(_suffix), setup_context=_setup_context)
@@ -77,5 +77,5 @@ def dan_spatial_pool(x, z, *, backend="auto"):
     chosen = _backend.resolve(OP, backend, x.device, x.dtype)
     if chosen == "reference":
         return reference.dan_spatial_pool(x, z)
-    op = torch.ops.apkernels.dan_spatial_pool_triton if chosen == "triton" else torch.ops.apkernels.dan_spatial_pool
+    op = getattr(torch.ops.apkernels, OP + _backend.op_suffix(chosen, x.device))
     return op(x, z)

@@ -1,7 +1,7 @@
 """APViT attentive patch pooling (SPEC 1.2) as `torch.ops.apkernels.patch_pool` (+ `_triton`)."""
 import torch
 
-from .. import _backend, _extension, reference
+from .. import _backend, _emulation, _extension, reference
 from .._library import TRITON_SUFFIX, qualname, register_kernel
 from . import _common
 from .pool_backward import backward_op
@@ -54,7 +54,7 @@ def _reference_kernel(x, keep, pos, score):
     return reference.patch_pool(x, keep, pos, score)
 
 
-for _suffix in ("", TRITON_SUFFIX):
+for _suffix in ("", TRITON_SUFFIX) + _emulation.OP_SUFFIXES:
     torch.library.register_fake(qualname(OP + _suffix))(_fake)
     torch.library.register_autograd(qualname(OP + _suffix), _make_backward(_suffix), setup_context=_setup_context)
 
@@ -82,5 +82,5 @@ def patch_pool(x, keep, pos=None, *, score="sum_abs", backend="auto"):
     chosen = _backend.resolve(OP, backend, x.device, x.dtype)
     if chosen == "reference":
         return reference.patch_pool(x, keep, pos, score)
-    op = torch.ops.apkernels.patch_pool_triton if chosen == "triton" else torch.ops.apkernels.patch_pool
+    op = getattr(torch.ops.apkernels, OP + _backend.op_suffix(chosen, x.device))
     return op(x, keep, pos, score)

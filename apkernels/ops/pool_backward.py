@@ -1,7 +1,7 @@
 """`pool_backward`: the backward op shared by patch_pool and token_pool (a row scatter)."""
 import torch
 
-from .. import _extension, reference
+from .. import _emulation, _extension, reference
 from .._library import TRITON_SUFFIX, qualname, register_kernel
 
 OP = "pool_backward"
@@ -13,7 +13,7 @@ def _fake(grad_tokens, index, num_rows, reduce_batch):
     return grad_tokens.new_empty(B, num_rows, C), grad_sum
 
 
-for _suffix in ("", TRITON_SUFFIX):
+for _suffix in ("", TRITON_SUFFIX) + _emulation.OP_SUFFIXES:
     torch.library.register_fake(qualname(OP + _suffix))(_fake)
 
 for _key in ("CPU", "CUDA"):

@@ -1,7 +1,7 @@
 """APViT attentive token pooling (SPEC 1.3) as `torch.ops.apkernels.token_pool` (+ `_triton`)."""
 import torch
 
-from .. import _backend, _extension, reference
+from .. import _backend, _emulation, _extension, reference
 from .._library import TRITON_SUFFIX, qualname, register_kernel
 from . import _common
 from .pool_backward import backward_op
@@ -53,7 +53,7 @@ def _reference_kernel(x, q, k, keep, scale, score):
     return reference.token_pool(x, q, k, keep, scale, score)
 
 
-for _suffix in ("", TRITON_SUFFIX):
+for _suffix in ("", TRITON_SUFFIX) + _emulation.OP_SUFFIXES:
     torch.library.register_fake(qualname(OP + _suffix))(_fake)
     torch.library.register_autograd(qualname(OP + _suffix), _make_backward(_suffix), setup_context=_setup_context)
 
@@ -84,5 +84,5 @@ def token_pool(x, q, k, keep, *, scale, score="sum", backend="auto"):
     scale = float(scale)
     if chosen == "reference":
         return reference.token_pool(x, q, k, keep, scale, score)
-    op = torch.ops.apkernels.token_pool_triton if chosen == "triton" else torch.ops.apkernels.token_pool
+    op = getattr(torch.ops.apkernels, OP + _backend.op_suffix(chosen, x.device))
     return op(x, q, k, keep, scale, score)

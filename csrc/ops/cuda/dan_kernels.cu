@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "ops/cuda/launch.cuh"
 #include "ops/dan_checks.h"
 
 namespace apkernels {
@@ -231,7 +232,7 @@ at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, 
   const int64_t blocks = B * M * tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * heads * ceil(H * W / 32) = ",
               blocks, " blocks exceed the CUDA grid limit");
-  channel_reduce_kernel<kRelu, scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kReduceWarps), 0, stream>>>(
+  APK_LAUNCH(static_cast<unsigned>(blocks), dim3(kWarp, kReduceWarps), 0, stream, channel_reduce_kernel<kRelu, scalar_t, acc_t>)(
       in.const_data_ptr<scalar_t>(), view_of(in), w ? w->const_data_ptr<scalar_t>() : nullptr,
       w ? view3_of(*w) : View3{0, 0, 0}, M, K, W, P, tiles, divisor, out.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,7 +240,7 @@ at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, 
 }
 
 at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
-  const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, c10::DeviceType::CUDA);
+  const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, APK_CUDA_DEVICE_TYPE);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor g = at::empty({d.B, d.M, d.C}, x.options());
@@ -251,7 +252,7 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
     const int64_t blocks = (d.B * d.C + kPoolWarps - 1) / kPoolWarps;
     TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * C = ", d.B * d.C,
                 " exceeds the CUDA grid limit");
-    pool_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream, pool_kernel<scalar_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), view_of(x), s.const_data_ptr<acc_t>(), d.B, d.C, d.M, d.W, d.P,
         g.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -262,7 +263,7 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
 std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tensor& grad_g, const at::Tensor& x,
                                                                   const at::Tensor& z) {
   const char* op = "dan_spatial_pool_backward";
-  const dan::PoolDims d = dan::check_spatial_pool(op, x, z, c10::DeviceType::CUDA);
+  const dan::PoolDims d = dan::check_spatial_pool(op, x, z, APK_CUDA_DEVICE_TYPE);
   dan::check_spatial_pool_grad(op, grad_g, x, d);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -276,11 +277,11 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
     const at::Tensor t = channel_reduce<false, scalar_t, acc_t>(x, &grad_g, d.B, d.M, d.C, d.W, d.P,
                                                                 static_cast<acc_t>(d.P), acc_options, stream);
     const int64_t nx = grad_x.numel(), nz = grad_z.numel();
-    grad_x_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream, grad_x_kernel<scalar_t, acc_t>)(
         grad_g.const_data_ptr<scalar_t>(), view3_of(grad_g), s.const_data_ptr<acc_t>(), d.C, d.M, d.P, nx,
         grad_x.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_z_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream, grad_z_kernel<scalar_t, acc_t>)(
         z.const_data_ptr<scalar_t>(), view_of(z), t.const_data_ptr<acc_t>(), d.M, d.C2, d.W, d.P, nz,
         grad_z.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -289,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, const at::Tensor& gate_logits) {
-  dan::check_head_fusion("dan_head_fusion", g, gate_logits, c10::DeviceType::CUDA);
+  dan::check_head_fusion("dan_head_fusion", g, gate_logits, APK_CUDA_DEVICE_TYPE);
   const c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, con
   at::Tensor heads = at::empty({B, M, C}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    head_fusion_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream, head_fusion_kernel<scalar_t, acc_t>)(
         g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(), view3_of(gate_logits), B,
         M, C, fused.mutable_data_ptr<scalar_t>(), heads.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -310,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
                                                                  const at::Tensor& gate_logits,
                                                                  const at::Tensor& heads) {
   const char* op = "dan_head_fusion_backward";
-  dan::check_head_fusion(op, g, gate_logits, c10::DeviceType::CUDA);
+  dan::check_head_fusion(op, g, gate_logits, APK_CUDA_DEVICE_TYPE);
   dan::check_head_fusion_grads(op, grad_fused, grad_heads, heads, g);
   const c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -319,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
   at::Tensor grad_gate = at::empty({B, M, C}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    head_fusion_backward_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream,
+               head_fusion_backward_kernel<scalar_t, acc_t>)(
             grad_fused.const_data_ptr<scalar_t>(), view3_of(grad_fused), grad_heads.const_data_ptr<scalar_t>(),
             view3_of(grad_heads), g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(),
             view3_of(gate_logits), heads.const_data_ptr<scalar_t>(), view3_of(heads), B, M, C,
@@ -332,11 +333,11 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("dan_spatial_pool", &dan_spatial_pool_cuda);
-  m.impl("dan_spatial_pool_backward", &dan_spatial_pool_backward_cuda);
-  m.impl("dan_head_fusion", &dan_head_fusion_cuda);
-  m.impl("dan_head_fusion_backward", &dan_head_fusion_backward_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("dan_spatial_pool"), &dan_spatial_pool_cuda);
+  m.impl(APK_CUDA_OP("dan_spatial_pool_backward"), &dan_spatial_pool_backward_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion"), &dan_head_fusion_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion_backward"), &dan_head_fusion_backward_cuda);
 }
 
 }  // namespace apkernels

@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
     at::Tensor workspace;
     if (!keys_in_smem) workspace = at::empty({B, N}, x.options().dtype(at::kLong));
     uint64_t* keys_global = keys_in_smem ? nullptr : reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
-    kernel<<<static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+    APK_LAUNCH(static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream(), patch_pool_kernel<scalar_t>)(
         x_ptr, pos_ptr, a, keys_global, tokens.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
   }
   at::Tensor inv = at::empty({B, N}, grad_tokens.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  inverse_index_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(index.const_data_ptr<int64_t>(), index.stride(0),
+  APK_LAUNCH(static_cast<unsigned>(B), 256, 0, stream, inverse_index_kernel)(index.const_data_ptr<int64_t>(), index.stride(0),
                                                                       index.stride(1), K, N, inv.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
     const int64_t blocks = (units + threads - 1) / threads;
     TORCH_CHECK(blocks <= INT32_MAX, "pool_backward: num_rows * C too large for one launch: ", units);
     const dim3 grid(static_cast<unsigned>(blocks), reduce_batch ? 1u : static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-    scatter_rows_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+    APK_LAUNCH(grid, threads, 0, stream, scatter_rows_kernel<scalar_t>)(
         g, gsB, gsK, gsC, inv.const_data_ptr<int>(), B, N, C, vec, reduce_batch, rows.mutable_data_ptr<scalar_t>(),
         reduce_batch ? sum.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -335,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
 }  // namespace
 }  // namespace apkernels::cuda
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("patch_pool", &apkernels::cuda::patch_pool_cuda);
-  m.impl("pool_backward", &apkernels::cuda::pool_backward_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("patch_pool"), &apkernels::cuda::patch_pool_cuda);
+  m.impl(APK_CUDA_OP("pool_backward"), &apkernels::cuda::pool_backward_cuda);
 }

@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
       at::Tensor workspace;
       if (!keys_in_smem) workspace = at::empty({B, N - 1}, x.options().dtype(at::kLong));
       uint64_t* keys_global = keys_in_smem ? nullptr : reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
-      kernel<<<static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      APK_LAUNCH(static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream(), token_pool_kernel<x_t, qk_t>)(
           x_ptr, q_ptr, k_ptr, a, keys_global, tokens.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -164,6 +164,6 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
 }  // namespace
 }  // namespace apkernels::cuda
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("token_pool", &apkernels::cuda::token_pool_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("token_pool"), &apkernels::cuda::token_pool_cuda);
 }
