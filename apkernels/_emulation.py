@@ -33,9 +33,13 @@ if _C_emulated is not None:
             _library.LIB.define(_name + _suffix + _schema)
 
 
+# Ops with an emulated CUDA kernel (checked once: torch.compile traces `available`).
+OPS = frozenset(op for op in _library.SCHEMAS if _C_emulated is not None and _library.has_kernel(op + SUFFIX, "CPU"))
+
+
 def available(op: str) -> bool:
     """True when the emulated CUDA kernel of `op` was built (it runs on CPU tensors)."""
-    return _C_emulated is not None and _library.has_kernel(op + SUFFIX, "CPU")
+    return op in OPS
 
 
 def op_name(op: str) -> str:

@@ -4,17 +4,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from apkernels import _emulation
+from apkernels import _backend
 from tests.utils import TOL, backend_params, dtypes_for, interpreted, small_ints
 
 
-def op_for(name: str, backend: str):
-    """The op a backend runs: `<name>_triton` for Triton, the native op (CPU/CUDA kernels) otherwise;
-    "cuda" on CPU tensors is the emulated CUDA build `<name>_cuda_emulated`."""
-    if backend == "cuda" and _emulation.available(name):
-        native, emulated = getattr(torch.ops.apkernels, name), getattr(torch.ops.apkernels, name + _emulation.SUFFIX)
-        return lambda *args: (emulated if args[0].device.type == "cpu" else native)(*args)
-    return getattr(torch.ops.apkernels, name + ("_triton" if backend == "triton" else ""))
+def op_for(name: str, backend: str, device):
+    """The op a backend runs on `device`: `<name>_triton` for Triton, the native op (CPU/CUDA
+    kernels) otherwise; "cuda" on CPU tensors is the emulated CUDA build `<name>_cuda_emulated`."""
+    return getattr(torch.ops.apkernels, name + _backend.op_suffix(backend, torch.device(device)))
 
 
 def assert_close(actual, expected, dtype):

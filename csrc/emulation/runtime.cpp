@@ -321,6 +321,19 @@ std::string code_address(const void* pc) {
 
 // ---- memory checks ------------------------------------------------------------------------------
 
+// Runtime code called from a fiber suspends its checks: library code it calls (std::string...)
+// may be the instrumented copy from a wrapper TU (the linker keeps one of the COMDAT copies).
+struct Unchecked {
+  Fiber* f;
+  bool was;
+  Unchecked() : f(t_fiber), was(f != nullptr && f->checking) {
+    if (f != nullptr) f->checking = false;
+  }
+  ~Unchecked() {
+    if (f != nullptr) f->checking = was;
+  }
+};
+
 inline bool ordered(const Launch& L, uint32_t epoch, uint16_t tid, uint16_t wepoch, int cur) {
   if (epoch != L.block_epoch || tid == cur) return true;
   const int warp = cur / 32;
@@ -416,6 +429,7 @@ void check_access(const void* address, size_t bytes, Access access, const void* 
   if (f == nullptr || !f->checking) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(address);
   if (a >= f->stack_lo && a + bytes <= f->stack_hi) return;  // the thread's own locals
+  Unchecked unchecked;
   Launch& L = *t_launch;
   const int tid = L.current;
   if (a >= L.tls_lo && a < L.tls_hi) {
@@ -663,6 +677,7 @@ dim3 grid_dim() { return t_launch->config.grid; }
 void begin_kernel() { t_fiber->checking = true; }
 
 void syncthreads(const char* file, int line) {
+  Unchecked unchecked;
   Launch& L = *t_launch;
   Fiber& f = *t_fiber;
   if (mutation_at("skip_syncthreads", file, line)) return;
@@ -683,6 +698,7 @@ void syncthreads(const char* file, int line) {
 
 void collective(Collective kind, unsigned mask, const void* value, int bytes, int arg, int width, void* result,
                 const char* file, int line) {
+  Unchecked unchecked;
   Launch& L = *t_launch;
   Fiber& f = *t_fiber;
   const int tid = L.current, warp = tid / 32, lane = tid % 32;
@@ -733,6 +749,7 @@ void collective(Collective kind, unsigned mask, const void* value, int bytes, in
 void note_atomic(const void* addr, int bytes) { check_access(addr, bytes, Access::Atomic, __builtin_return_address(0)); }
 
 void kernel_assert_failed(const char* condition, const char* file, int line) {
+  Unchecked unchecked;
   fail(std::string("device-side assert `") + condition + "` failed at " + site(file, line) + " in " +
        where(*t_launch, t_launch->current));
 }
