@@ -98,11 +98,31 @@ def nvidia_wheel_includes():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def openmp_flags():
+    """["-fopenmp"] when the C++ compiler builds an OpenMP program, else [] (at::parallel_for then
+    runs on ATen's own thread pool, e.g. with Apple clang)."""
+    import subprocess
+    import tempfile
+
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as fh:
+            fh.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            result = subprocess.run([compiler, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                    capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+    return ["-fopenmp"] if result.returncode == 0 else []
+
+
 def extension():
     cpp_sources = sorted(f for f in glob.glob("csrc/**/*.cpp", recursive=True) if not f.startswith("csrc/emulation"))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    openmp = openmp_flags()
+    cxx_flags = ["-O3", "-std=c++20", *openmp]
     define_macros = []
-    extra_link_args = ["-fopenmp"]
+    extra_link_args = list(openmp)
     if WITH_CUDA:
         cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
         define_macros.append(("APKERNELS_WITH_CUDA", None))
@@ -186,28 +206,41 @@ def emulation_extension():
 EMULATION_EXTENSION = emulation_extension()
 
 
-def write_build_config():
-    """Record what _C was built with; `python -m apkernels` reports it and warns on a torch mismatch."""
+def write_build_config(directory):
+    """Record what _C was built with, next to it; `python -m apkernels` reports it and warns on a
+    torch mismatch."""
     config = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda if WITH_CUDA else None,
         "cuda_home": CUDA_HOME if WITH_CUDA else None,
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU") if WITH_CUDA else None,
     }
-    with open(os.path.join(ROOT, "apkernels", "_build_config.json"), "w") as fh:
+    with open(os.path.join(directory, "_build_config.json"), "w") as fh:
         json.dump(config, fh, indent=1)
 
 
-write_build_config()
+class BuildExtensionWithConfig(BuildExtension.with_options(use_ninja=True)):
+    """build_ext that writes _build_config.json beside the built _C (only a build writes it)."""
+
+    def run(self):
+        super().run()
+        write_build_config(os.path.dirname(self.get_ext_fullpath("apkernels._C")))
+
+
+def read_version():
+    """apkernels/_version.py's __version__ (the one place the version is written)."""
+    with open(os.path.join(ROOT, "apkernels", "_version.py")) as fh:
+        return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
+
 
 setup(
     name="apkernels",
-    version="0.1.0",
+    version=read_version(),
     description="Fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels for PyTorch",
     packages=find_packages(include=["apkernels", "apkernels.*"]),
     package_data={"apkernels": ["_build_config.json"]},
     ext_modules=[extension()] + ([EMULATION_EXTENSION] if EMULATION_EXTENSION else []),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithConfig},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     zip_safe=False,

@@ -1,7 +1,8 @@
 """apkernels: fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels.
 
-Layers: `torch.ops.apkernels.*` (schemas in `_library`, kernels in `_C` / Triton / reference)
--> validated functional ops (`apkernels.patch_pool`, ...) -> `apkernels.nn` modules -> `models/`.
+Layers: `torch.ops.apkernels.*` (the op registry and schemas in `_library`, kernels in `_C` /
+Triton / reference) -> validated functional ops (`apkernels.patch_pool`, ...) -> `apkernels.nn`
+modules -> `models/`.
 """
 from . import _library  # noqa: F401  (defines the op schemas first)
 from . import _extension  # noqa: F401  (loads apkernels._C kernels)
@@ -10,17 +11,9 @@ from . import triton_kernels  # noqa: F401
 from . import nn  # noqa: F401
 from . import reference  # noqa: F401
 from ._backend import BACKENDS, available_backends
-from .ops import dan_head_fusion, dan_spatial_pool, patch_pool, token_pool
+from ._library import OPS
+from ._version import __version__
 
-__version__ = "0.1.0"
-OPS = ("patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion")
+globals().update({_name: getattr(ops, _name) for _name in OPS})
 
-__all__ = [
-    "patch_pool",
-    "token_pool",
-    "dan_spatial_pool",
-    "dan_head_fusion",
-    "available_backends",
-    "BACKENDS",
-    "OPS",
-]
+__all__ = [*OPS, "available_backends", "BACKENDS", "OPS"]

@@ -1,10 +1,10 @@
 """`python -m apkernels`: environment report, then every op on every backend available here,
-checked against the reference (max error, kept indices) and timed."""
+checked against the reference (max error, kept indices) and timed with the benchmarks' specs and
+timers (`python -m benchmarks` is the full benchmark)."""
 import argparse
 import platform
 
 import torch
-import torch.utils.benchmark as benchmark
 
 import apkernels
 from apkernels import _backend, _emulation, _extension
@@ -42,29 +42,15 @@ def environment_report() -> list:
 
 
 def demo_cases(device, batch):
-    """Paper-scale inputs for each op: (name, call(backend) -> outputs)."""
+    """Paper-scale inputs for each op, the benchmarks' op specs: (name, shape, call(backend) -> outputs)."""
+    from benchmarks import specs  # the repository's benchmark package (not installed with apkernels)
+
     g = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    x = randn(batch, 768, 14, 14)
-    pos = randn(196, 768)
-    tokens = randn(batch, 161, 768)
-    qkv = randn(batch, 161, 3, 8, 96).permute(2, 0, 3, 1, 4)  # strided q/k views, as in the ViT
-    feat = randn(batch, 512, 7, 7)
-    z = randn(batch, 4, 512, 7, 7)
-    gh, gate = randn(batch, 4, 512), randn(batch, 4, 512)
-    return [
-        ("patch_pool", f"B={batch} 768x14x14 keep 160", lambda b: apkernels.patch_pool(x, 160, pos, backend=b)),
-        (
-            "token_pool",
-            f"B={batch} 161 tok 8x96 keep 144",
-            lambda b: apkernels.token_pool(tokens, qkv[0], qkv[1], 144, scale=96**-0.5, backend=b),
-        ),
-        ("dan_spatial_pool", f"B={batch} 512x7x7 M=4", lambda b: apkernels.dan_spatial_pool(feat, z, backend=b)),
-        ("dan_head_fusion", f"B={batch} M=4 C=512", lambda b: apkernels.dan_head_fusion(gh, gate, backend=b)),
-    ]
+    cases = []
+    for name, spec in specs.OPS.items():
+        inputs = spec.make_inputs(batch, torch.float32, device, g)
+        cases.append((name, spec.shape(batch), lambda b, spec=spec, inputs=inputs: spec.kernel(inputs, b)))
+    return cases
 
 
 def max_error(out, ref) -> str:
@@ -84,21 +70,25 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args(argv)
     print("\n".join(environment_report()))
+    try:
+        from benchmarks import timing
+    except ImportError:
+        print("\nthe op table needs the repository's benchmarks package: run from the repository root")
+        return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"\n{'op':<18}{'shape':<30}{'device':<7}{'backend':<10}{'median ms':>10}  check vs reference")
+    print(f"\n{'op':<18}{'shape':<36}{'device':<7}{'backend':<10}{'median ms':>10}  check vs reference")
     for device in devices:
         for op, shape, call in demo_cases(device, args.batch):
             ref = call("reference")
             for backend in apkernels.available_backends(op, device):
                 if backend in ("triton", "cuda") and device == "cpu":
                     why = "interpreter" if backend == "triton" else "CUDA emulator"
-                    print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{'-':>10}  skipped ({why}: see tests)")
+                    print(f"{op:<18}{shape:<36}{device:<7}{backend:<10}{'-':>10}  skipped ({why}: see tests)")
                     continue
                 out = call(backend)
-                timer = benchmark.Timer("call(backend)", globals={"call": call, "backend": backend})
-                ms = timer.blocked_autorange(min_run_time=0.2).median * 1e3
+                ms = timing.time_fn(lambda: call(backend), device, reps=5).ms
                 check = "reference itself" if backend == "reference" else max_error(out, ref)
-                print(f"{op:<18}{shape:<30}{device:<7}{backend:<10}{ms:>10.3f}  {check}")
+                print(f"{op:<18}{shape:<36}{device:<7}{backend:<10}{ms:>10.3f}  {check}")
 
 
 if __name__ == "__main__":

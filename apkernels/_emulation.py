@@ -14,8 +14,9 @@ import importlib.util
 
 from . import _library
 
-SUFFIX = "_cuda_emulated"
-# Deliberately broken builds of the kernels (setup.py EMULATION_MUTANTS): `<op>_cuda_mutant_<name>`.
+SUFFIX = _library.EMULATED_SUFFIX  # its schemas, fake kernels and autograd come with the other suffixes
+# Deliberately broken builds of the kernels (setup.py EMULATION_MUTANTS): `<op>_cuda_mutant_<name>`,
+# schemas only (tests/test_cuda_emulation.py calls them directly).
 MUTANT_SUFFIXES = ("_cuda_mutant_off_by_one",)
 
 _C_emulated = None
@@ -25,13 +26,10 @@ try:
 except ImportError as exc:
     LOAD_ERROR = exc if importlib.util.find_spec(f"{__package__}._C_emulated") else "it has not been built"
 
-# Suffixes whose schemas exist (fake/autograd registrations in apkernels/ops loop over them).
-OP_SUFFIXES = (SUFFIX,) if _C_emulated is not None else ()
 if _C_emulated is not None:
-    for _suffix in (SUFFIX,) + MUTANT_SUFFIXES:
+    for _suffix in MUTANT_SUFFIXES:
         for _name, _schema in _library.SCHEMAS.items():
             _library.LIB.define(_name + _suffix + _schema)
-
 
 # Ops with an emulated CUDA kernel (checked once: torch.compile traces `available`).
 OPS = frozenset(op for op in _library.SCHEMAS if _C_emulated is not None and _library.has_kernel(op + SUFFIX, "CPU"))
@@ -40,10 +38,6 @@ OPS = frozenset(op for op in _library.SCHEMAS if _C_emulated is not None and _li
 def available(op: str) -> bool:
     """True when the emulated CUDA kernel of `op` was built (it runs on CPU tensors)."""
     return op in OPS
-
-
-def op_name(op: str) -> str:
-    return op + SUFFIX
 
 
 def counters() -> list:

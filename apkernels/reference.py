@@ -1,4 +1,4 @@
-"""Pure-PyTorch references: the official APViT / DAN formulations (../shared/SPEC.md), op for op.
+"""Pure-PyTorch references: the official APViT / DAN formulations, op for op.
 
 Every fast backend is tested against these. Scores and reductions of fp16/bf16 inputs are computed
 in fp32 (as the kernels do); outputs come back in the input dtype. The forward functions are plain
@@ -47,7 +47,7 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def patch_pool(x: torch.Tensor, keep: int, pos: torch.Tensor | None = None, score: str = "sum_abs"):
-    """APViT attentive patch pooling (SPEC 1.2): (tokens [B, keep, C], index [B, keep])."""
+    """APViT attentive patch pooling: (tokens [B, keep, C], index [B, keep])."""
     B, C, H, W = x.shape
     tokens = x.flatten(2).transpose(1, 2)
     if pos is not None:
@@ -71,20 +71,45 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scale: float, score: str) -> 
 
 
 def token_pool(x, q, k, keep: int, scale: float, score: str = "sum"):
-    """APViT attentive token pooling (SPEC 1.3 step 2): (tokens [B, keep+1, C], index [B, keep+1])."""
+    """APViT attentive token pooling: (tokens [B, keep+1, C], index [B, keep+1])."""
     with torch.no_grad():
         top = select_topk(token_scores(q.detach(), k.detach(), scale, score), keep) + 1
         index = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
     return gather_rows(x, index), index
 
 
+def check_pool_index(index: torch.Tensor, num_rows: int) -> None:
+    """pool_backward's index values must be rows of the output: in [0, num_rows) (one host sync on
+    CUDA tensors; an out-of-range row must fail loudly rather than write out of bounds)."""
+    if index.numel() and bool(((index < 0) | (index >= num_rows)).any()):
+        bad = index[(index < 0) | (index >= num_rows)][0].item()
+        raise RuntimeError(f"pool_backward: index must be in [0, {num_rows}) (num_rows), got {bad}")
+
+
 def pool_backward(grad_tokens: torch.Tensor, index: torch.Tensor, num_rows: int, reduce_batch: bool):
-    """Gradient of a row gather: zero rows [B, num_rows, C] with grad_tokens scattered at index."""
-    B, _, C = grad_tokens.shape
-    grad_rows = grad_tokens.new_zeros(B, num_rows, C)
-    grad_rows.scatter_(1, index.unsqueeze(-1).expand(-1, -1, C), grad_tokens)
+    """Gradient of a row gather: grad_rows [B, num_rows, C] = 0, then grad_rows[b, index[b, j]] +=
+    grad_tokens[b, j] for j ascending (a repeated index accumulates, in the accumulation dtype,
+    rounded once); with reduce_batch also grad_rows summed over the batch, else an empty [0]."""
+    check_pool_index(index, num_rows)
+    B, K, C = grad_tokens.shape
+    acc = accum_dtype(grad_tokens.dtype)
+    # The j-th entry's rank among the earlier entries with the same row: each pass below writes
+    # rows that are distinct within the pass, so the sum runs in ascending j with no write races.
+    same = index.unsqueeze(2) == index.unsqueeze(1)  # [B, K, K]
+    rank = same.tril(-1).sum(2)
+    passes = int(rank.max()) + 1 if rank.numel() else 0
+    # One spare row (num_rows) takes the entries of other passes.
+    rows = grad_tokens.new_zeros(B, num_rows + 1, C, dtype=acc)
+    values = grad_tokens.to(acc)
+    for r in range(passes):
+        target = torch.where(rank == r, index, num_rows).unsqueeze(-1).expand(-1, -1, C)
+        if r == 0:
+            rows.scatter_(1, target, values)  # a copy: exact, -0.0 kept
+        else:
+            rows.scatter_add_(1, target, values)
+    grad_rows = rows[:, :num_rows].to(grad_tokens.dtype).contiguous()
     if reduce_batch:
-        grad_sum = grad_rows.sum(0, dtype=accum_dtype(grad_rows.dtype)).to(grad_rows.dtype)
+        grad_sum = grad_rows.sum(0, dtype=acc).to(grad_rows.dtype)
     else:
         grad_sum = grad_tokens.new_empty(0)
     return grad_rows, grad_sum

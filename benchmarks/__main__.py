@@ -16,7 +16,7 @@ os.environ.setdefault("APKERNELS_QUIET", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from . import common, model_bench, suite  # noqa: E402
+from . import model_bench, specs, suite, timing  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,14 +35,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--ops",
         nargs="*",
-        default=list(common.OPS),
-        choices=list(common.OPS),
+        default=list(specs.OPS),
+        choices=list(specs.OPS),
         metavar="OP",
-        help=f"ops to run (default all: {' '.join(common.OPS)}); --ops with none: model rows only",
+        help=f"ops to run (default all: {' '.join(specs.OPS)}); --ops with none: model rows only",
     )
-    p.add_argument("--providers", nargs="+", default=list(common.PROVIDERS), choices=list(common.PROVIDERS))
+    p.add_argument("--providers", nargs="+", default=list(specs.PROVIDERS), choices=list(specs.PROVIDERS))
     p.add_argument("--compile", action="store_true", help="keep the torch.compile rows under --quick")
-    p.add_argument("--passes", nargs="+", default=list(common.PASSES), choices=list(common.PASSES))
+    p.add_argument("--passes", nargs="+", default=list(specs.PASSES), choices=list(specs.PASSES))
     batches = p.add_mutually_exclusive_group()
     batches.add_argument("--batches", nargs="+", type=int, help="batch sizes for every op (default: the paper's)")
     batches.add_argument(
@@ -99,13 +99,13 @@ def main(argv=None) -> int:
     copy_gbps = {}
     for device in run_devices:
         mb = 32 if args.quick else 256
-        copy_gbps[device] = common.copy_bandwidth_gbps(device, megabytes=mb, reps=3 if args.quick else 10)
+        copy_gbps[device] = timing.copy_bandwidth_gbps(device, megabytes=mb, reps=3 if args.quick else 10)
         print(f"copy bandwidth {device}: {copy_gbps[device]:.1f} GB/s ({mb} MiB copy, read + write)")
 
     cases, skipped = suite.op_cases(config)
     skipped = quick_skips + skipped
     total = sum(
-        len(config.passes) * len([p for p in config.providers if common.provider_unavailable(s.name, p, d) is None])
+        len(config.passes) * len([p for p in config.providers if specs.provider_unavailable(s.name, p, d) is None])
         for s, _, _, d in cases
     )
     rows = []

@@ -16,7 +16,7 @@ os.environ.setdefault("APKERNELS_QUIET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import checks, specs, timing  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -80,8 +80,8 @@ def op_bench(benchmark, request):
         spec = case.spec
         generator = torch.Generator().manual_seed(0)
         inputs = spec.make_inputs(case.batch, case.dtype, case.device, generator)
-        grads = common.make_grads(spec, inputs, generator)
-        fn, outputs = common.pass_fn(
+        grads = specs.make_grads(spec, inputs, generator)
+        fn, outputs = specs.pass_fn(
             spec, case.provider, inputs, case.pass_, grads, compile_backend="eager" if disabled else "inductor"
         )
         benchmark.group = case.group
@@ -90,7 +90,7 @@ def op_bench(benchmark, request):
         benchmark.extra_info.update(
             op=case.op,
             shape=spec.shape(case.batch),
-            dtype=common.dtype_name(case.dtype),
+            dtype=specs.dtype_name(case.dtype),
             pass_=case.pass_,
             provider=case.provider,
             traffic_bytes=traffic,
@@ -101,8 +101,8 @@ def op_bench(benchmark, request):
         if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
             benchmark.extra_info["gbps"] = traffic / stats.stats.median / 1e9
         if torch.device(case.device).type == "cuda" and not disabled:
-            benchmark.extra_info["cuda_event_median_ms"] = common.time_cuda(fn, reps=50).ms
-        common.assert_matches(spec, case.provider, case.dtype, result, common.expected_result(spec, inputs, case.pass_, grads))
+            benchmark.extra_info["cuda_event_median_ms"] = timing.time_cuda(fn, reps=50).ms
+        checks.assert_matches(spec, case.provider, case.dtype, result, checks.expected_result(spec, inputs, case.pass_, grads))
 
     return run
 

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import common, official
+from . import official, timing
 
 NUM_CLASSES = 7
 MODELS = ("APViT", "DAN")
@@ -156,7 +156,7 @@ def cases(device: str, size: str = "paper", batch: int | None = None) -> list:
 
 def measure(case: ModelCase, reps: int) -> dict:
     fn = step_fn(case)
-    timing = common.time_fn(fn, case.device, reps=reps, min_sample_s=0.0)
+    measured = timing.time_fn(fn, case.device, reps=reps, min_sample_s=0.0)
     row = {
         "kind": "model",
         "op": case.model,
@@ -166,12 +166,12 @@ def measure(case: ModelCase, reps: int) -> dict:
         "pass": case.pass_,
         "provider": case.provider,
         "device": case.device,
-        "ms": timing.ms,
-        "p20": timing.p20,
-        "p80": timing.p80,
-        "img_per_s": case.batch / (timing.ms * 1e-3),
+        "ms": measured.ms,
+        "p20": measured.p20,
+        "p80": measured.p80,
+        "img_per_s": case.batch / (measured.ms * 1e-3),
         "gbps": None,
-        "peak_mb": common.peak_memory_mb(fn, case.device),
+        "peak_mb": timing.peak_memory_mb(fn, case.device),
         "paper_scale": case.paper_scale,
     }
     check_step(case, fn())

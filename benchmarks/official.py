@@ -1,4 +1,4 @@
-"""The official formulations (../shared/SPEC.md), written as the papers' code writes them: the
+"""The official formulations, written as the papers' code writes them: the
 "eager" baseline every benchmark row is compared with.
 
 They differ from `apkernels.reference` on purpose: the reference is the semantics the kernels are
@@ -9,7 +9,7 @@ that materialises `x * s`, an average pool, sigmoid gating, `log_softmax` and a 
 dtype, as they run in the official training code.
 
 The model classes (`OfficialAPViT`, `OfficialDAN`) are small official-style modules with the
-architectures of SPEC 1 and 2 (random weights), used by `benchmarks.model_bench` as the eager
+architectures of APViT and DAN (random weights), used by `benchmarks.model_bench` as the eager
 baseline of the model rows.
 """
 import torch
@@ -69,7 +69,7 @@ def dan_head_fusion(g: torch.Tensor, gate_logits: torch.Tensor):
 
 
 class _OfficialBlock(nn.Module):
-    """ViT block with the official attentive token pooling between attention and MLP (SPEC 1.3)."""
+    """ViT block with the official attentive token pooling between attention and MLP."""
 
     def __init__(self, dim: int, heads: int, keep_rate: float):
         super().__init__()
@@ -98,7 +98,7 @@ class _OfficialBlock(nn.Module):
 
 
 class OfficialAPViT(nn.Module):
-    """APViT (SPEC 1), official style: IR-50 stages 1-3, 1x1 projection, top-k patch pooling
+    """APViT, official style: IR-50 stages 1-3, 1x1 projection, top-k patch pooling
     (`keep_patches`; all 196 keeps every patch), 8 ViT blocks with token pooling at `keep_rates`.
     The keyword arguments are those of `models.APViT` (smaller values make the smoke-test model)."""
 
@@ -140,7 +140,7 @@ class OfficialAPViT(nn.Module):
 
 
 class _CrossAttentionHead(nn.Module):
-    """One DAN head (SPEC 2.2), official style: spatial attention then channel attention."""
+    """One DAN head, official style: spatial attention then channel attention."""
 
     def __init__(self, channels: int = 512):
         super().__init__()
@@ -162,7 +162,7 @@ class _CrossAttentionHead(nn.Module):
 
 
 class OfficialDAN(nn.Module):
-    """DAN (SPEC 2), official style: ResNet-18 features, a Python loop over `heads` cross
+    """DAN, official style: ResNet-18 features, a Python loop over `heads` cross
     attention heads, log_softmax fusion, fc + BatchNorm1d. Returns (out, features, heads)."""
 
     def __init__(self, num_classes: int = 7, heads: int = 4):

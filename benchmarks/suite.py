@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-from . import common
+from . import specs, timing
 
 COLUMNS = (
     ("op", "<", 16),
@@ -48,8 +48,8 @@ class Config:
     batches: list | None = None  # overrides every op's batch sizes
     target_batch: bool = False  # each op at its CPU-target batch only
     dtypes: dict | None = None  # device type -> dtypes
-    passes: tuple = common.PASSES
-    providers: tuple = common.PROVIDERS
+    passes: tuple = specs.PASSES
+    providers: tuple = specs.PROVIDERS
 
     def batch_sizes(self, spec) -> list:
         if self.batches:
@@ -107,7 +107,7 @@ def op_cases(config: Config):
     cases, skipped = [], []
     for device in config.devices:
         for name in config.ops:
-            spec = common.OPS[name]
+            spec = specs.OPS[name]
             dtypes = config.dtypes_for(device)
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 skipped.append(
@@ -115,13 +115,13 @@ def op_cases(config: Config):
                         "op": name,
                         "device": device,
                         "shapes": [spec.shape(b) for b in config.batch_sizes(spec)],
-                        "dtypes": [common.dtype_name(d) for d in dtypes],
+                        "dtypes": [specs.dtype_name(d) for d in dtypes],
                         "reason": "no CUDA device (torch.cuda.is_available() is False)",
                     }
                 )
                 continue
             for provider in config.providers:
-                why = common.provider_unavailable(name, provider, device)
+                why = specs.provider_unavailable(name, provider, device)
                 other_device = provider in ("cpu", "cuda") and provider != torch.device(device).type
                 if why is not None and not other_device:
                     skipped.append({"op": name, "device": device, "provider": provider, "reason": why})
@@ -135,35 +135,35 @@ def run_case(spec, batch, dtype, device, config: Config, progress=None) -> list:
     """Every pass x provider of one (op, batch, dtype, device): rows with speed-ups filled in."""
     generator = torch.Generator().manual_seed(0)
     inputs = spec.make_inputs(batch, dtype, device, generator)
-    grads = common.make_grads(spec, inputs, generator)
-    providers = [p for p in config.providers if common.provider_unavailable(spec.name, p, device) is None]
+    grads = specs.make_grads(spec, inputs, generator)
+    providers = [p for p in config.providers if specs.provider_unavailable(spec.name, p, device) is None]
     reps = config.repeats(device)
     rows = []
     for pass_ in config.passes:
         group = []
         for provider in providers:
             if progress is not None:
-                progress.set_postfix_str(f"{device} {spec.name} B={batch} {common.dtype_name(dtype)} {pass_} {provider}")
-            fn, outputs = common.pass_fn(spec, provider, inputs, pass_, grads)
-            common.synchronize(device)
-            timing = common.time_fn(fn, device, reps=reps, min_sample_s=5e-4 if config.quick else 2e-3)
+                progress.set_postfix_str(f"{device} {spec.name} B={batch} {specs.dtype_name(dtype)} {pass_} {provider}")
+            fn, outputs = specs.pass_fn(spec, provider, inputs, pass_, grads)
+            timing.synchronize(device)
+            measured = timing.time_fn(fn, device, reps=reps, min_sample_s=5e-4 if config.quick else 2e-3)
             traffic = spec.traffic(inputs, outputs, pass_)
-            gbps = traffic / (timing.ms * 1e-3) / 1e9
+            gbps = traffic / (measured.ms * 1e-3) / 1e9
             group.append(
                 {
                     "op": spec.name,
                     "shape": spec.shape(batch),
                     "batch": batch,
-                    "dtype": common.dtype_name(dtype),
+                    "dtype": specs.dtype_name(dtype),
                     "pass": pass_,
                     "provider": provider,
                     "device": device,
-                    "ms": timing.ms,
-                    "p20": timing.p20,
-                    "p80": timing.p80,
+                    "ms": measured.ms,
+                    "p20": measured.p20,
+                    "p80": measured.p80,
                     "gbps": gbps,
                     "traffic_bytes": traffic,
-                    "peak_mb": common.peak_memory_mb(fn, device),
+                    "peak_mb": timing.peak_memory_mb(fn, device),
                     "paper_scale": batch in spec.batches,
                 }
             )
@@ -192,8 +192,8 @@ def check_cpu_targets(rows) -> list:
     """The CPU targets: the fused CPU kernel >= 2x eager for each op at its target batch (forward),
     and for fwd+bwd of patch_pool and dan_spatial_pool. status: pass / FAIL / not measured."""
     results = []
-    for op, pass_ in common.CPU_TARGETS:
-        spec = common.OPS[op]
+    for op, pass_ in specs.CPU_TARGETS:
+        spec = specs.OPS[op]
         match = [
             r
             for r in rows
@@ -204,9 +204,9 @@ def check_cpu_targets(rows) -> list:
             and r["dtype"] == "fp32"
             and r.get("batch") == spec.target_batch
         ]
-        entry = {"op": op, "pass": pass_, "batch": spec.target_batch, "target": common.CPU_TARGET_SPEEDUP}
+        entry = {"op": op, "pass": pass_, "batch": spec.target_batch, "target": specs.CPU_TARGET_SPEEDUP}
         if not match:
-            why = common.provider_unavailable(op, "cpu", "cpu")
+            why = specs.provider_unavailable(op, "cpu", "cpu")
             entry.update(
                 status="not measured",
                 speedup=None,
@@ -214,13 +214,13 @@ def check_cpu_targets(rows) -> list:
             )
         else:
             speedup = match[0]["speedup_vs_eager"]
-            entry.update(status="pass" if speedup >= common.CPU_TARGET_SPEEDUP else "FAIL", speedup=speedup)
+            entry.update(status="pass" if speedup >= specs.CPU_TARGET_SPEEDUP else "FAIL", speedup=speedup)
         results.append(entry)
     return results
 
 
 def format_targets(results) -> str:
-    lines = [f"CPU targets (fused CPU kernel >= {common.CPU_TARGET_SPEEDUP:.0f}x eager, fp32):"]
+    lines = [f"CPU targets (fused CPU kernel >= {specs.CPU_TARGET_SPEEDUP:.0f}x eager, fp32):"]
     for t in results:
         got = f"{t['speedup']:.2f}x" if t["speedup"] is not None else "-"
         extra = f"  ({t['reason']})" if t.get("reason") else ""
@@ -375,7 +375,7 @@ class BenchCase:
 
     @property
     def spec(self):
-        return common.OPS[self.op]
+        return specs.OPS[self.op]
 
     @property
     def paper_scale(self) -> bool:
@@ -384,7 +384,7 @@ class BenchCase:
     @property
     def group(self) -> str:
         """pytest-benchmark group: the providers of one (op, shape, dtype, pass, device) side by side."""
-        return f"{self.op} {self.spec.shape(self.batch)} {common.dtype_name(self.dtype)} {self.pass_} [{self.device}]"
+        return f"{self.op} {self.spec.shape(self.batch)} {specs.dtype_name(self.dtype)} {self.pass_} [{self.device}]"
 
 
 def pytest_params(op: str) -> list:
@@ -393,7 +393,7 @@ def pytest_params(op: str) -> list:
     whose reason says why."""
     import pytest
 
-    spec = common.OPS[op]
+    spec = specs.OPS[op]
     params = []
     for device in ("cpu", "cuda"):
         if device == "cuda" and not torch.cuda.is_available():
@@ -402,8 +402,8 @@ def pytest_params(op: str) -> list:
             )
             continue
         providers = []
-        for provider in common.PROVIDERS:
-            why = common.provider_unavailable(op, provider, device)
+        for provider in specs.PROVIDERS:
+            why = specs.provider_unavailable(op, provider, device)
             if why is None:
                 providers.append(provider)
             elif provider not in ("cpu", "cuda") or provider == device:
@@ -412,9 +412,9 @@ def pytest_params(op: str) -> list:
         for batch in (SMOKE_BATCH,) + tuple(spec.batches):
             marks = [pytest.mark.paper_scale] if batch in spec.batches else []
             for dtype in dtypes:
-                for pass_ in common.PASSES:
+                for pass_ in specs.PASSES:
                     for provider in providers:
                         case = BenchCase(op, device, dtype, batch, pass_, provider)
-                        name = f"{device}-{common.dtype_name(dtype)}-B{batch}-{pass_}-{provider}"
+                        name = f"{device}-{specs.dtype_name(dtype)}-B{batch}-{pass_}-{provider}"
                         params.append(pytest.param(case, id=name, marks=marks))
     return params

@@ -1,4 +1,4 @@
-"""APViT and DAN on apkernels (SPEC 1, 2): ``from models import APViT, DAN, build_model``."""
+"""APViT and DAN on apkernels: ``from models import APViT, DAN, build_model``."""
 from .apvit import APViT, PoolingIndices
 from .classes import APVIT_RAFDB_CLASSES, DAN_RAFDB_CLASSES
 from .dan import DAN

@@ -1,12 +1,13 @@
-"""APViT: IR-50 (3 stages) -> Attentive Patch Pooling -> ViT with Attentive Token Pooling (SPEC 1).
+"""APViT: IR-50 (3 stages) -> Attentive Patch Pooling -> ViT with Attentive Token Pooling.
 
 Module and parameter names follow the official checkpoint (``extractor.*``, ``vit.*``,
-``head.fc.*``, SPEC 1.4), so ``model.state_dict()`` has exactly its 389 keys, in its order.
+``head.fc.*``), so ``model.state_dict()`` has exactly its 389 keys, in its order.
 
-backend="auto": attention through ``F.scaled_dot_product_attention`` (no N x N matrix) and the
-pooling ops on the fastest apkernels backend; the token-pooling kernel reads the CLS row of q and
-k straight out of the qkv tensor. backend="reference": the official formulation throughout
-(explicit logits -> softmax -> @ v, the pure-PyTorch pooling references).
+``backend`` chooses the apkernels backend of the pooling ops ("auto": the fastest; the token-pooling
+kernel reads the CLS row of q and k straight out of the qkv tensor). ``attention`` chooses how the
+attention is computed: "sdpa" through ``F.scaled_dot_product_attention`` (no N x N matrix), or
+"explicit", the official formulation (logits -> softmax -> @ v). backend="reference" with
+attention="explicit" is the official formulation throughout.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apkernels import _backend
+from apkernels import BACKENDS
 from apkernels.nn import AttentivePatchPool, AttentiveTokenPool
 
 from .checkpoint import LoadReport, checkpoint_meta, load_matching, read_checkpoint, unwrap_state_dict
@@ -27,7 +28,7 @@ from .ir50 import IR50, face_evolve_to_staged
 APVIT_KEEP_RATES = (1, 1, 1, 1, 0.9, 0.9, 0.9, 0.9)
 INPUT_SIZE = 112
 BACKBONE_STRIDE = 8  # three stride-2 stages: 112 -> 14
-# SPEC 1 normalises 0-255 images with mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375):
+# APViT normalises 0-255 images with mean (123.675, 116.28, 103.53), std (58.395, 57.12, 57.375):
 # the ImageNet statistics, given here on the 0-1 scale (as for DAN).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -67,17 +68,20 @@ class PoolingIndices(NamedTuple):
         return mask.view(-1, *self.grid)
 
 
+ATTENTION_KINDS = ("sdpa", "explicit")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (qkv without bias); returns the output and the q, k views that
     token pooling scores with (strided views of the qkv tensor, no copies)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str):
+    def __init__(self, dim: int, num_heads: int, attention: str):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.backend = backend
+        self.attention = attention
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
 
@@ -85,7 +89,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, head_dim] each, strided views
-        if self.backend == "reference":
+        if self.attention == "explicit":
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             out = attn @ v
         else:
@@ -107,10 +111,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Transformer block with Attentive Token Pooling between the attention and MLP residuals."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, keep_rate: float, token_score: str, backend: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, keep_rate: float, token_score: str, backend: str,
+                 attention: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, backend)
+        self.attn = Attention(dim, num_heads, attention)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.token_pool = AttentiveTokenPool(keep_rate, token_score, backend) if keep_rate < 1 else None
@@ -129,7 +134,7 @@ class PoolingViT(nn.Module):
     """The ``vit`` part: 1x1 projection, patch pooling with position embedding, CLS, blocks, norm."""
 
     def __init__(self, in_channels, grid, embed_dim, num_heads, mlp_ratio, keep_patches, keep_rates,
-                 patch_score, token_score, backend):
+                 patch_score, token_score, backend, attention):
         super().__init__()
         num_patches = grid[0] * grid[1]
         # Parameters first, in the official checkpoint's order.
@@ -139,7 +144,7 @@ class PoolingViT(nn.Module):
         self.projs = nn.ModuleList([nn.Conv2d(in_channels, embed_dim, 1)])
         self.patch_pool = AttentivePatchPool(keep_patches, patch_score, backend)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, token_score, backend) for rate in keep_rates
+            Block(embed_dim, num_heads, mlp_ratio, rate, token_score, backend, attention) for rate in keep_rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.grid = tuple(grid)
@@ -177,8 +182,10 @@ class APViT(nn.Module):
         keep_rates: per block, the fraction of patch tokens kept by Attentive Token Pooling
             (1 = no pooling); its length is the number of blocks.
         patch_score / token_score: score reductions ("sum_abs" / "sum" in the paper).
-        backend: "auto" (fused attention + fastest pooling kernels), "reference", or a backend name
-            for the pooling ops ("cpu", "cuda", "triton").
+        backend: the apkernels backend of the pooling ops: "auto" (the fastest), "cuda", "triton",
+            "cpu" or "reference".
+        attention: "sdpa" (F.scaled_dot_product_attention) or "explicit" (the official
+            logits -> softmax -> @ v).
         embed_dim, num_heads, mlp_ratio, backbone_units: the paper's 768 / 8 / 3 / (3, 4, 14);
             smaller values only make small test models.
         classes: class names in output order (default: APViT's order for 7 or 8 classes).
@@ -190,10 +197,13 @@ class APViT(nn.Module):
     def __init__(self, num_classes: int = 7, keep_patches: int = 160, keep_rates=APVIT_KEEP_RATES,
                  patch_score: str = "sum_abs", token_score: str = "sum", backend: str = "auto", *,
                  embed_dim: int = 768, num_heads: int = 8, mlp_ratio: float = 3.0,
-                 backbone_units=(3, 4, 14), input_size: int = INPUT_SIZE, classes=None):
+                 backbone_units=(3, 4, 14), input_size: int = INPUT_SIZE, classes=None,
+                 attention: str = "sdpa"):
         super().__init__()
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"APViT: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"APViT: backend must be one of {BACKENDS}, got {backend!r}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"APViT: attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if len(tuple(backbone_units)) != 3:
             raise ValueError(f"APViT: backbone_units must give the units of three IR-50 stages, got {backbone_units}")
         grid = (input_size // BACKBONE_STRIDE, input_size // BACKBONE_STRIDE)
@@ -212,7 +222,7 @@ class APViT(nn.Module):
 
         self.extractor = IR50(backbone_units)
         self.vit = PoolingViT(self.extractor.out_channels, grid, embed_dim, num_heads, mlp_ratio, keep_patches,
-                              keep_rates, patch_score, token_score, backend)
+                              keep_rates, patch_score, token_score, backend, attention)
         self.head = ClsHead(embed_dim, num_classes)
         self.reset_parameters()
 
@@ -264,7 +274,7 @@ class APViT(nn.Module):
         return report
 
     def load_pretrained(self, ir50=None, vit=None, strict: bool = True) -> list:
-        """Training initialisation (SPEC 1.4): the face.evoLVe IR-50 (``body.0`` .. ``body.23``
+        """Training initialisation: the face.evoLVe IR-50 (``body.0`` .. ``body.23``
         flat; stage 4 and the output layer ignored) and/or timm's legacy ``vit_small_p16_224``
         (``pos_embed`` split into CLS / patch rows, the patch grid bilinearly resized when it
         differs; ``patch_embed`` and ``head`` dropped; ``vit.projs`` and ``head.fc`` stay as they

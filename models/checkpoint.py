@@ -7,13 +7,20 @@ Released checkpoints come in several wrappings: mmcv's ``{'state_dict': ..., 'me
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .modeling import build_model, model_classes
+
 STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+# Our own training checkpoints (models.train) carry this format tag and version.
+CHECKPOINT_FORMAT = "apkernels-fer"
+CHECKPOINT_VERSION = 1
 
 
 def read_checkpoint(checkpoint) -> Mapping:
@@ -131,3 +138,85 @@ def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bo
         report.raise_if_incomplete()
     copy_state(module, state, report)
     return report
+
+
+# --- our training checkpoints, and loading either kind for inference ---------------------------
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then rename: an interrupted save never
+    leaves a truncated checkpoint behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: file not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint: {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def is_our_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def load_for_inference(model_name: str, checkpoint: str, device: torch.device,
+                       classes: Sequence[str] | None = None, model_kwargs: dict | None = None,
+                       input_size: int | None = None) -> torch.nn.Module:
+    """A model in eval mode from either a `models.train` checkpoint or an official release (APViT
+    mmcv `{'state_dict', 'meta'}`, DAN `{'model_state_dict'}`), format detected from the contents.
+
+    The class list comes from our checkpoint, else `classes`, else the official file's
+    `meta.CLASSES`, else the release's order (DAN: AffectNet order when the file has 8 outputs or its
+    name says affecnet/affectnet, RAF-DB order otherwise). `model_kwargs` and `input_size` build an
+    official file's model (ours records its own)."""
+    obj = load_checkpoint_file(checkpoint)
+    if is_our_checkpoint(obj):
+        if obj["model"] != model_name:
+            raise ValueError(f"model: {checkpoint} holds a {obj['model']!r} model, but --model is {model_name!r}")
+        ckpt_classes = list(obj["classes"])
+        if classes is not None and list(classes) != ckpt_classes:
+            raise ValueError(f"classes: the checkpoint's classes are {ckpt_classes}, got {list(classes)}")
+        model = build_model(model_name, ckpt_classes, obj.get("model_kwargs"), obj.get("input_size"))
+        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint} does not fit the {model_name} model:\n"
+                             f"  missing keys: {list(missing)}\n  unexpected keys: {list(unexpected)}")
+    else:
+        state = unwrap_state_dict(obj)
+        head = "head.fc.weight" if model_name == "apvit" else "fc.weight"
+        if head not in state:
+            other = "dan" if model_name == "apvit" else "apvit"
+            hint = (f" (it looks like a {other} checkpoint)"
+                    if ("fc.weight" if other == "dan" else "head.fc.weight") in state else "")
+            raise ValueError(f"checkpoint: {checkpoint} is neither a models.train checkpoint nor an official "
+                             f"{model_name} checkpoint: no {head!r} key{hint}")
+        num_classes = state[head].shape[0]
+        if classes is None:
+            meta_classes = checkpoint_meta(obj).get("CLASSES")
+            if meta_classes:
+                classes = [str(c) for c in meta_classes]
+            else:
+                name = os.path.basename(checkpoint).lower()
+                dataset = "affectnet" if (model_name == "dan" and (num_classes == 8 or "affe" in name)) else None
+                classes = model_classes(model_name, dataset, num_classes)
+        if len(classes) != num_classes:
+            raise ValueError(f"classes: {len(classes)} names given but the checkpoint has {num_classes} outputs")
+        model_kwargs = dict(model_kwargs or {})
+        if input_size is not None and model_name == "apvit":
+            model_kwargs["input_size"] = input_size
+        model = build_model(model_name, classes, model_kwargs, input_size)
+        model.load_official_state_dict(obj, strict=True)
+    return model.to(device).eval()

@@ -1,4 +1,4 @@
-"""Class orders of the released models (SPEC 1.5 and 2.5): APViT and DAN order RAF-DB differently,
+"""Class orders of the released models of APViT and DAN: APViT and DAN order RAF-DB differently,
 so a checkpoint's outputs only mean something together with its own list.
 
 Names are the same across lists (Anger, Disgust, Fear, Happiness, Sadness, Surprise, Neutral,

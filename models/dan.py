@@ -1,4 +1,4 @@
-"""DAN: ResNet-18 features -> multi-head cross attention -> fusion -> fc + BatchNorm1d (SPEC 2).
+"""DAN: ResNet-18 features -> multi-head cross attention -> fusion -> fc + BatchNorm1d.
 
 The M cross-attention heads run batched in ``apkernels.nn.MultiHeadCrossAttention`` (its own
 parameter layout); ``official_state_dict`` / ``load_official_state_dict`` convert from and to the
@@ -12,13 +12,13 @@ import torch
 import torchvision
 from torch import nn
 
-from apkernels import _backend
+from apkernels import BACKENDS
 from apkernels.nn import MultiHeadCrossAttention
 
 from .checkpoint import LoadReport, compare_state, copy_state, unwrap_state_dict
 from .classes import default_classes
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # 0-1 scale (SPEC 2)
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # 0-1 scale
 IMAGE_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 FEATURE_CHANNELS = 512
@@ -42,8 +42,8 @@ class DAN(nn.Module):
 
     def __init__(self, num_classes: int = 7, num_heads: int = 4, backend: str = "auto", *, classes=None):
         super().__init__()
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"DAN: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"DAN: backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"DAN: num_classes must be a positive int, got {num_classes!r}")
         self.num_classes, self.num_heads, self.backend = num_classes, num_heads, backend
@@ -119,7 +119,7 @@ class DAN(nn.Module):
         return report
 
     def load_pretrained(self, resnet18=None, strict: bool = True) -> list:
-        """Training initialisation (SPEC 2.1): the MS-Celeb-1M ResNet-18 (``resnet18_msceleb.pth``,
+        """Training initialisation: the MS-Celeb-1M ResNet-18 (``resnet18_msceleb.pth``,
         torchvision key names, bare or under ``'state_dict'``) into ``features``; its ``fc`` is
         unused. Returns one LoadReport per checkpoint given."""
         reports = []

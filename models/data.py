@@ -3,7 +3,7 @@
 Every dataset yields (image tensor, label) where the label indexes the MODEL's class list: the
 datasets carry their own label order (RAF-DB 1..7 = Surprise, Fear, ...; AffectNet folders 0..7 =
 Neutral, Happiness, ...) and are mapped by class NAME, because APViT and DAN order their outputs
-differently (SPEC 1.5, 2.5).
+differently.
 """
 from __future__ import annotations
 
@@ -199,16 +199,3 @@ def build_dataset(dataset: str, root: str, split: str, classes: Sequence[str],
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
     samples = _LOADERS[dataset](root, split, classes)
     return FERDataset(samples, classes, transform, name=f"{dataset} {split} split at {root}")
-
-
-def dataset_classes(dataset: str, num_classes: int) -> list[str] | None:
-    """The natural class list of a dataset layout (None for image folders)."""
-    if dataset == "rafdb":
-        if num_classes != 7:
-            raise ValueError(f"num-classes: RAF-DB basic has 7 classes, got {num_classes}")
-        return list(RAF_LABELS)
-    if dataset == "affectnet":
-        if num_classes not in (7, 8):
-            raise ValueError(f"num-classes: AffectNet has 7 or 8 classes, got {num_classes}")
-        return list(AFFECTNET_LABELS[:num_classes])
-    return None

@@ -17,45 +17,45 @@ import sys
 from torch.utils.data import DataLoader
 
 from . import data as fer_data
-from . import engine, recipes
+from . import checkpoint, cli, metrics, plots, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_checkpoint_arguments(p, recipes.MODELS)
+    cli.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--dataset", required=True, choices=fer_data.DATASETS)
     p.add_argument("--data-root", required=True, metavar="DIR")
     p.add_argument("--split", default="test", help="default test (AffectNet: its val/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES))
+    p.add_argument("--amp", default="none", choices=tuple(cli.AMP_DTYPES))
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
     return p.parse_args(argv)
 
 
 def evaluate(args) -> dict:
-    device = engine.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
+    model = checkpoint.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
                                       args.input_size)
     classes = list(model.classes)
     dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
                                      recipes.eval_transform(model))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    cm, loss_sum, n = engine.run_evaluation(model, loader, device, len(classes), args.amp)
+    cm, loss_sum, n = metrics.run_evaluation(model, loader, device, len(classes), args.amp)
     result = {
         "model": args.model, "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset,
         "data_root": os.path.abspath(args.data_root), "split": args.split, "loss": loss_sum / max(n, 1),
-        **engine.metrics_from_confusion(cm, classes),
+        **metrics.metrics_from_confusion(cm, classes),
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         png = os.path.splitext(args.json)[0] + "_confusion.png"
-        engine.plot_confusion(cm, classes, png, title=f"{args.model} on {args.dataset} {args.split}: "
+        plots.plot_confusion(cm, classes, png, title=f"{args.model} on {args.dataset} {args.split}: "
                                                       f"acc {result['accuracy']:.4f}")
     return result
 
@@ -73,4 +73,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, "python -m models.evaluate")
+    cli.run_cli(main, "python -m models.evaluate")

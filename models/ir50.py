@@ -1,4 +1,4 @@
-"""IR-50, the face-recognition ResNet of face.evoLVe (SPEC 1.1), cut after its third stage.
+"""IR-50, the face-recognition ResNet of face.evoLVe, cut after its third stage.
 
 Module names follow the official APViT checkpoint (``input_layer``, ``body.{stage}.{unit}`` with
 ``res_layer`` / ``shortcut_layer``) so its keys load as they are.

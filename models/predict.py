@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import data as fer_data
-from . import engine, overlay, recipes
+from . import checkpoint, cli, modeling, overlay, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_checkpoint_arguments(p, recipes.MODELS)
+    cli.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT", help="write the predictions here as a JSON list")
@@ -70,9 +70,9 @@ def _overlay_name(index: int, path: str) -> str:
 
 @torch.no_grad()
 def predict(args) -> list[dict]:
-    device = engine.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    model = engine.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
+    model = checkpoint.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
                                       args.input_size)
     classes = list(model.classes)
     paths = expand_inputs(args.inputs)
@@ -86,7 +86,7 @@ def predict(args) -> list[dict]:
         if args.model == "apvit" and args.attention_out:
             logits, pooling = model(images, return_pooling=True)
         else:
-            logits = engine.logits_of(model(images))
+            logits = modeling.logits_of(model(images))
         probs = torch.softmax(logits.float(), dim=1).cpu()
         for row, i in zip(probs, indices.tolist()):
             results.append({"path": paths[i], "label": classes[int(row.argmax())],
@@ -121,4 +121,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main, "python -m models.predict")
+    cli.run_cli(main, "python -m models.predict")

@@ -1,4 +1,4 @@
-"""The papers' training recipes (SPEC 1.6 APViT, 2.5 DAN incl. its AffectNet variant): transforms,
+"""The papers' training recipes (APViT's, and DAN's including its AffectNet variant): transforms,
 sampler, optimiser, schedule. `paper_recipe(model, dataset)` gives the defaults `models.train` uses;
 every field can be overridden from the command line.
 """

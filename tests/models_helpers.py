@@ -34,7 +34,7 @@ def synthetic_state_dict(keys, seed: int = 0) -> dict:
 
 def model_backend_params(ops):
     """(device, backend) params: "auto" on every device, plus each fast backend that runs all `ops`
-    there (compared against backend="reference" at model level)."""
+    there (compared against backend="reference", attention="explicit" at model level)."""
     params = []
     for device in DEVICES:
         params.append(pytest.param(device, "auto", id=f"auto-{device}"))

@@ -194,5 +194,5 @@ def test_auto_sends_fp64_on_cuda_to_the_reference():
     # The CUDA and Triton kernels implement fp32/fp16/bf16; fp64 CUDA tensors must not fail under "auto".
     from apkernels import _backend
 
-    for op in ("patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion"):
+    for op in apkernels.OPS:
         assert _backend.resolve(op, "auto", torch.device("cuda"), torch.float64) == "reference"

@@ -31,12 +31,12 @@ def paper_model():
 @pytest.fixture(scope="module")
 def small_state():
     torch.manual_seed(0)
-    return APViT(**SMALL, backend="reference").state_dict()
+    return APViT(**SMALL, backend="reference", attention="explicit").state_dict()
 
 
 def small_pair(state, backend, device):
     fast = APViT(**SMALL, backend=backend).to(device)
-    ref = APViT(**SMALL, backend="reference").to(device)
+    ref = APViT(**SMALL, backend="reference", attention="explicit").to(device)
     fast.load_state_dict(state)
     ref.load_state_dict(state)
     return fast, ref

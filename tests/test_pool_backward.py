@@ -5,7 +5,7 @@ from torch.library import opcheck
 
 from apkernels import reference
 from tests.pool_cases import assert_close, backend_dtype_params, op_for
-from tests.utils import backend_params, interpreted
+from tests.utils import backend_params, dtypes_for, interpreted, small_ints
 
 BACKENDS = backend_params("pool_backward")
 BACKEND_DTYPES = backend_dtype_params("pool_backward")
@@ -81,11 +81,7 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_bad_arguments_name_the_argument(device, backend, request):
-    if backend == "cuda":
-        # Found by the CUDA emulator: the CUDA kernel device-asserts on out-of-range indices instead
-        # of raising the contract's ValueError (the C++ side of the pool_backward contract fixes it).
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason="CUDA pool_backward: index range"))
+def test_bad_arguments_name_the_argument(device, backend):
     op = op_for("pool_backward", backend, device)
     grad = torch.randn(2, 3, 4, device=device)
     index = torch.tensor([[0, 1, 2], [1, 2, 4]], device=device)
@@ -93,9 +89,95 @@ def test_bad_arguments_name_the_argument(device, backend, request):
         ((grad[0], index, 5, True), "grad_tokens must be 3-D"),
         ((grad, index.float(), 5, True), "index must be int64"),
         ((grad, index[:, :2], 5, True), "index must have shape"),
-        ((grad, index, 4, True), r"index must be in \[0, 4\)"),
-        ((grad, -index, 5, False), r"index must be in \[0, 5\)"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             op(*args)
+    # Index values are data, not arguments' shapes: a RuntimeError on every backend (the contract).
+    for args, message in [((grad, index, 4, True), r"index must be in \[0, 4\)"), ((grad, -index, 5, False), r"index must be in \[0, 5\)")]:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
+# --- the contract, on every backend (the reference defines it) ------------------------------------
+# dx[b, p] = sum of grad[b, j] over every j with index[b, j] == p, summed in ascending j
+# (deterministic); an index outside [0, num_rows) is a RuntimeError naming `index`; num_rows >= 0
+# and empty inputs (K = 0, B = 0) give zeros / empty outputs of the right shape.
+
+CONTRACT_BACKENDS = [p for p in BACKENDS if p.values[1] is not None] + [
+    pytest.param("cpu", "reference", id="reference-cpu")
+]
+
+
+def contract_op(backend, device):
+    return reference.pool_backward if backend == "reference" else op_for("pool_backward", backend, device)
+
+
+def scatter_add_by_hand(grad, index, num_rows):
+    """The contract written out: a loop over j, in fp64."""
+    B, K, C = grad.shape
+    rows = torch.zeros(B, num_rows, C, dtype=torch.float64)
+    for b in range(B):
+        for j in range(K):
+            rows[b, index[b, j]] += grad[b, j].double().cpu()
+    return rows
+
+
+@pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
+def test_contract_repeated_indices_accumulate(device, backend):
+    op = contract_op(backend, device)
+    index = torch.tensor([[2, 0, 2, 2, 1], [0, 0, 0, 0, 0], [4, 3, 2, 1, 0]], device=device)
+    for dtype in dtypes_for(backend if backend != "reference" else "cpu"):
+        grad = small_ints(3, 5, 7, dtype=dtype, device=device, generator=torch.Generator().manual_seed(4))
+        rows, total = op(grad, index, 6, True)
+        expected = scatter_add_by_hand(grad, index, 6)  # small integers: exact in every dtype
+        assert rows.dtype == dtype and rows.shape == (3, 6, 7)
+        assert torch.equal(rows.cpu().double(), expected), dtype
+        assert torch.equal(total.cpu().double(), expected.sum(0)), dtype
+
+
+@pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
+def test_contract_sums_in_ascending_j_deterministically(device, backend):
+    op = contract_op(backend, device)
+    # With big = 2^24 in fp32 accumulation, (big + 1) - big is 0 but (big - big) + 1 is 1: the
+    # result shows the summation order. Row 1 gets j = 0, 2, 3 (big, 1, -big) -> 0.
+    dtypes = [d for d in dtypes_for(backend if backend != "reference" else "cpu") if d != torch.float16]
+    for dtype in dtypes:
+        big = 2.0**53 if dtype == torch.float64 else 2.0**24
+        grad = torch.tensor([[big, 5.0, 1.0, -big]], dtype=dtype, device=device).unsqueeze(-1)
+        index = torch.tensor([[1, 0, 1, 1]], device=device)
+        first = op(grad, index, 2, True)
+        assert first[0].flatten().tolist() == [5.0, 0.0], dtype
+        for _ in range(2):
+            again = op(grad, index, 2, True)
+            assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
+def test_contract_out_of_range_index_is_a_runtime_error(device, backend):
+    op = contract_op(backend, device)
+    grad = torch.randn(2, 3, 4, device=device)
+    for bad in (5, -1):
+        index = torch.tensor([[0, 1, 2], [1, bad, 4]], device=device)
+        with pytest.raises(RuntimeError, match=r"index must be in \[0, 5\)"):
+            op(grad, index, 5, True)
+        with pytest.raises(RuntimeError, match=r"index must be in \[0, 5\)"):
+            op(grad, index, 5, False)
+
+
+@pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
+def test_contract_empty_inputs(device, backend):
+    op = contract_op(backend, device)
+    cases = [  # (B, K, C, num_rows)
+        (2, 0, 3, 5),  # nothing kept: zero rows
+        (0, 4, 3, 5),  # an empty batch
+        (2, 0, 3, 0),  # no rows at all
+    ]
+    for B, K, C, num_rows in cases:
+        grad = torch.randn(B, K, C, device=device)
+        index = torch.zeros(B, K, dtype=torch.long, device=device)
+        rows, total = op(grad, index, num_rows, True)
+        assert rows.shape == (B, num_rows, C) and total.shape == (num_rows, C)
+        assert not rows.any() and not total.any()
+        rows, empty = op(grad, index, num_rows, False)
+        assert rows.shape == (B, num_rows, C) and empty.numel() == 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 from models import data as fer_data
 from models.apvit import IMAGE_MEAN, IMAGE_STD
-from models import engine, evaluate, predict, recipes, train
+from models import checkpoint, evaluate, modeling, predict, recipes, train
 from models.classes import APVIT_RAFDB_CLASSES, DAN_AFFECTNET7_CLASSES, DAN_RAFDB_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_affectnet_layout_and_contempt(tmp_path):
         for folder in range(8):
             for k in range(2):
                 _solid(str(tmp_path / split / str(folder) / f"{k}.png"), (30 * folder, 0, 0), rng, jitter=0)
-    ds8 = fer_data.build_dataset("affectnet", str(tmp_path), "train", engine.model_classes("dan", "affectnet", 8))
+    ds8 = fer_data.build_dataset("affectnet", str(tmp_path), "train", modeling.model_classes("dan", "affectnet", 8))
     assert ds8.class_counts() == [2] * 8 and ds8.samples[0].label == 0 and ds8.samples[-1].label == 7
     ds7 = fer_data.build_dataset("affectnet", str(tmp_path), "test", list(DAN_AFFECTNET7_CLASSES))
     assert len(ds7) == 14 and "Contempt" not in ds7.classes  # 'test' reads val/, contempt dropped
@@ -343,7 +343,7 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
     n_model = sum(1 for k in ckpt["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert len(ckpt["optimizer"]["state"]) == n_model + 1  # the affinity centres are optimised too
 
-    model = engine.load_for_inference("dan", str(out / "last.pt"), torch.device("cpu"))
+    model = checkpoint.load_for_inference("dan", str(out / "last.pt"), torch.device("cpu"))
     official = tmp_path / "rafdb_epoch1_official.pth"
     torch.save({"iter": 1, "model_state_dict": model.official_state_dict()}, official)
     common = ["--model", "dan", "--dataset", "rafdb", "--data-root", str(raf), "--device", "cpu", "--workers", "0"]

@@ -3,17 +3,10 @@ import pytest
 import torch
 
 import apkernels
+from apkernels.tolerances import TOL  # noqa: F401  ((atol, rtol) per dtype vs the reference)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FAST_BACKENDS = ("cpu", "cuda", "triton")
-
-# (atol, rtol) for outputs compared with the fp32/fp64 reference.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 
 def backend_params(op):

@@ -1,4 +1,4 @@
-"""DAN's Multi-head cross Attention Network + Attention Fusion Network (SPEC 2.2-2.3), heads batched.
+"""DAN's Multi-head cross Attention Network + Attention Fusion Network, heads batched.
 
 The official code runs M `CrossAttentionHead`s one after the other. Their shapes are equal, so here
 all heads run at once: one 1x1 convolution C -> M*reduced, grouped convolutions (groups=M) for the

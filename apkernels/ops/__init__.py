@@ -1,7 +1,12 @@
-"""Functional ops (layer 1): validated entry points over `torch.ops.apkernels.*`."""
-from .dan_head_fusion import dan_head_fusion
-from .dan_spatial_pool import dan_spatial_pool
-from .patch_pool import patch_pool
-from .token_pool import token_pool
+"""Functional ops (layer 1): validated entry points over `torch.ops.apkernels.*`, one module per
+`_library.MODULES` entry; the public functions are `_library.OPS`."""
+import importlib
 
-__all__ = ["patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion"]
+from .._library import MODULES, OPS
+
+for _module in MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
+# Each public op's function shadows its module's name in this package (apkernels.ops.patch_pool).
+globals().update({_name: getattr(importlib.import_module(f"{__name__}.{_name}"), _name) for _name in OPS})
+
+__all__ = list(OPS)

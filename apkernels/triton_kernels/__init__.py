@@ -1,14 +1,13 @@
 """Triton backend: one file per op (kernels, launcher, registration as `apkernels::<op>_triton`).
 
-Each module registers its kernels with `_library.register_kernel` and adds its op names to
-`_backend.TRITON_OPS`. On a machine without a GPU the kernels run under TRITON_INTERPRET=1
-(set before importing apkernels).
+The modules are the op registry's (`_library.MODULES`); each registers the kernels of its ops with
+`_common.register`, which adds their names to `_backend.TRITON_OPS`. On a machine without a GPU the
+kernels run under TRITON_INTERPRET=1 (set before importing apkernels).
 """
 import importlib
 
 from .. import _backend
-
-MODULES = ("pool_backward", "patch_pool", "token_pool", "dan_spatial_pool", "dan_head_fusion")
+from .._library import MODULES
 
 
 def _load() -> None:

@@ -1,7 +1,5 @@
-"""Helpers shared by the Triton kernels: launch checks, block sizes, registration and the top-k
+"""Helpers shared by the Triton kernels: device/dtype checks, block sizes, registration and the top-k
 selection (one packed int64 key per position, sorted with `tl.sort`)."""
-import importlib
-
 import torch
 import triton
 import triton.language as tl
@@ -15,11 +13,6 @@ TILE_ELEMENTS_INTERPRETER = 1 << 16
 
 # Dtypes the Triton kernels take; float64 only where the kernel accumulates in the input dtype.
 HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def op_module(op: str):
-    """apkernels.ops.<op> (the module: the package's attribute of that name is the function)."""
-    return importlib.import_module(f"apkernels.ops.{op}")
 
 
 def next_pow2(n: int) -> int:
@@ -67,12 +60,12 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def register(op: str, kernels: dict) -> None:
-    """Register {op name: launcher} as CPU and CUDA kernels of `apkernels::<name>_triton`, then
-    mark the forward op `op` as available on the Triton backend."""
+def register(kernels: dict) -> None:
+    """Register {op name: launcher} as CPU and CUDA kernels of `apkernels::<name>_triton` and mark
+    those ops available on the Triton backend."""
     for name, fn in kernels.items():
         _library.register_kernel(name + _library.TRITON_SUFFIX, fn)
-    _backend.TRITON_OPS.add(op)
+        _backend.TRITON_OPS.add(name)
 
 
 # --- top-k selection ------------------------------------------------------------------------------

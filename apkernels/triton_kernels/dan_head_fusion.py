@@ -1,4 +1,4 @@
-"""Triton DAN channel gating + attention fusion (SPEC 2.2-2.3) and its backward, one program per
+"""Triton DAN channel gating + attention fusion and its backward, one program per
 (image, channel block) holding all M heads: heads = g * sigmoid(gate_logits), log_softmax over the
 heads when M > 1 (M == 1: no softmax, as the official code), fused = heads.sum(1); fp32 math."""
 import torch
@@ -8,7 +8,6 @@ import triton.language as tl
 from . import _common
 
 OP = "dan_head_fusion"
-_validate = _common.op_module(OP).validate
 DTYPES = _common.HALF_AND_FLOAT + (torch.float64,)
 
 
@@ -72,7 +71,6 @@ def _blocks(M, C):
 
 
 def dan_head_fusion_triton(g, gate_logits):
-    _validate(g, gate_logits)
     _common.check_launch(OP, g=g, gate_logits=gate_logits)
     _common.check_dtype(OP, "g", g, DTYPES)
     B, M, C = g.shape
@@ -107,4 +105,4 @@ def dan_head_fusion_backward_triton(grad_fused, grad_heads, g, gate_logits, head
     return grad_g, grad_gate
 
 
-_common.register(OP, {OP: dan_head_fusion_triton, OP + "_backward": dan_head_fusion_backward_triton})
+_common.register({OP: dan_head_fusion_triton, OP + "_backward": dan_head_fusion_backward_triton})

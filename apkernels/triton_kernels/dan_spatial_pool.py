@@ -1,4 +1,4 @@
-"""Triton DAN spatial attention + global average pool (SPEC 2.2) and its backward.
+"""Triton DAN spatial attention + global average pool and its backward.
 
 Forward, one program per (image, head): s[p] = sum_c2 relu(z[b, m, c2, p]) over the whole map,
 then g[b, m, c] = sum_p x[b, c, p] * s[p] / P block of channels by block: the [B, M, C, P] product
@@ -14,7 +14,6 @@ import triton.language as tl
 from . import _common
 
 OP = "dan_spatial_pool"
-_validate = _common.op_module(OP).validate
 DTYPES = _common.HALF_AND_FLOAT + (torch.float64,)
 
 
@@ -127,7 +126,6 @@ def _sizes(x, z):
 
 
 def dan_spatial_pool_triton(x, z):
-    _validate(x, z)
     _common.check_launch(OP, x=x, z=z)
     _common.check_dtype(OP, "x", x, DTYPES)
     B, M, C, C2, W, P, p_pad = _sizes(x, z)
@@ -163,4 +161,4 @@ def dan_spatial_pool_backward_triton(grad_g, x, z):
     return grad_x, grad_z
 
 
-_common.register(OP, {OP: dan_spatial_pool_triton, OP + "_backward": dan_spatial_pool_backward_triton})
+_common.register({OP: dan_spatial_pool_triton, OP + "_backward": dan_spatial_pool_backward_triton})

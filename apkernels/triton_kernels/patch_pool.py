@@ -1,4 +1,4 @@
-"""Triton attentive patch pooling (SPEC 1.2): one program per image does it all - channel scores
+"""Triton attentive patch pooling: one program per image does it all - channel scores
 with fp32 accumulation, top-k selection, kept positions in ascending order, the gather of the kept
 columns of x [B, C, H, W] (any strides) as tokens, + pos."""
 import torch
@@ -7,10 +7,8 @@ import triton.language as tl
 
 from .. import reference
 from . import _common
-from . import pool_backward  # noqa: F401  (the backward op of patch_pool_triton)
 
 OP = "patch_pool"
-_validate = _common.op_module(OP).validate
 SCORE_CODES = {name: i for i, name in enumerate(reference.PATCH_SCORES)}  # sum_abs, sum, sum_sq, max, max_abs
 
 
@@ -71,7 +69,6 @@ def _patch_pool_kernel(
 
 
 def patch_pool_triton(x, keep, pos, score):
-    _validate(x, keep, pos, score)
     _common.check_launch(OP, x=x, pos=pos)
     _common.check_dtype(OP, "x", x, _common.HALF_AND_FLOAT)
     B, C, H, W = x.shape
@@ -90,4 +87,4 @@ def patch_pool_triton(x, keep, pos, score):
     return out, index
 
 
-_common.register(OP, {OP: patch_pool_triton})
+_common.register({OP: patch_pool_triton})

@@ -1,35 +1,38 @@
-"""Triton `pool_backward` (the backward of both pooling ops): scatter grad_tokens [B, K, C] into
-zero rows [B, num_rows, C] at index, then (reduce_batch) the batch sum of those rows - the position
-embedding gradient - as a fixed-order loop over the batch, so it is deterministic (no atomics)."""
+"""Triton `pool_backward` (the backward of both pooling ops): grad_rows [B, num_rows, C] = 0, then
+grad_rows[b, index[b, j]] += grad_tokens[b, j] for j ascending - one program per (batch item,
+channel block) walks j in order, so a repeated index accumulates deterministically (no atomics) -
+then (reduce_batch) the batch sum of those rows, the position embedding gradient, as a fixed-order
+loop over the batch."""
 import torch
 import triton
 import triton.language as tl
 
+from .. import _backend, _checks, reference
 from . import _common
 
 OP = "pool_backward"
 
 
 @triton.jit
-def _scatter_rows_kernel(
+def _scatter_add_rows_kernel(
     grad_ptr, index_ptr, rows_ptr,
-    K, C, num_rows,
+    K, C,
     sg_b, sg_k, sg_c, si_b, si_k, sr_b, sr_n, sr_c,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_k = k < K
-    rows = tl.load(index_ptr + b * si_b + k.to(tl.int64) * si_k, mask=in_k, other=0)
-    # An index outside [0, num_rows) is dropped rather than written out of bounds (the pooling ops
-    # only produce valid ones; checking on the host would cost a device sync per backward).
-    in_k = in_k & (rows >= 0) & (rows < num_rows)
-    channels = tl.arange(0, BLOCK_C)
-    for c0 in range(0, C, BLOCK_C):
-        c = (c0 + channels).to(tl.int64)
-        mask = in_k[:, None] & (c < C)[None, :]
-        v = tl.load(grad_ptr + b * sg_b + k.to(tl.int64)[:, None] * sg_k + c[None, :] * sg_c, mask=mask)
-        tl.store(rows_ptr + b * sr_b + rows[:, None] * sr_n + c[None, :] * sr_c, v, mask=mask)
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = c < C
+    index_at = index_ptr + b * si_b  # advanced by one entry per step (64-bit pointer arithmetic)
+    grad_at = grad_ptr + b * sg_b + c * sg_c
+    for _ in range(0, K):
+        row = tl.load(index_at)
+        dst = rows_ptr + b * sr_b + row * sr_n + c * sr_c
+        v = tl.load(grad_at, mask=mask, other=0.0)
+        # The same program (and lane) wrote any earlier value of this row: the read sees it.
+        tl.store(dst, tl.load(dst, mask=mask, other=0.0) + v.to(rows_ptr.dtype.element_ty), mask=mask)
+        index_at += si_k
+        grad_at += sg_k
 
 
 @triton.jit
@@ -44,22 +47,23 @@ def _batch_sum_kernel(rows_ptr, sum_ptr, B, numel, ACC: tl.constexpr, BLOCK: tl.
 
 
 def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
+    _checks.pool_backward(grad_tokens, index, num_rows)
     _common.check_launch(OP, grad_tokens=grad_tokens, index=index)
-    if grad_tokens.dim() != 3 or index.shape != grad_tokens.shape[:2] or index.dtype != torch.long:
-        raise ValueError(
-            f"{OP}_triton: expected grad_tokens [B, K, C] and int64 index [B, K], got "
-            f"{tuple(grad_tokens.shape)} and {tuple(index.shape)} {index.dtype}"
-        )
+    _common.check_dtype(OP, "grad_tokens", grad_tokens, _common.HALF_AND_FLOAT)
+    reference.check_pool_index(index, num_rows)
     B, K, C = grad_tokens.shape
-    grad_rows = grad_tokens.new_zeros(B, num_rows, C)
-    block_c = _common.block_for(C, 1)
-    block_k = _common.block_for(K, block_c)
-    if grad_rows.numel() and K:
-        _scatter_rows_kernel[(B, triton.cdiv(K, block_k))](
-            grad_tokens, index, grad_rows, K, C, num_rows,
-            *grad_tokens.stride(), *index.stride(), *grad_rows.stride(),
-            BLOCK_K=block_k, BLOCK_C=block_c,
+    # Accumulated in fp32 and rounded once, as the reference (a copy when no index repeats).
+    rows = grad_tokens.new_zeros(B, num_rows, C, dtype=torch.float32)
+    if rows.numel() and K:
+        # Wide blocks in the interpreter (one numpy op per tile op); 256 channels on a GPU, so a
+        # batch gives several programs per item.
+        block_c = _common.block_for(C, 1 if _backend.triton_interpreter() else 16)
+        _scatter_add_rows_kernel[(B, triton.cdiv(C, block_c))](
+            grad_tokens, index, rows, K, C,
+            *grad_tokens.stride(), *index.stride(), *rows.stride(),
+            BLOCK_C=block_c,
         )
+    grad_rows = rows.to(grad_tokens.dtype)
     if not reduce_batch:
         return grad_rows, grad_tokens.new_empty(0)
     grad_sum = grad_tokens.new_empty(num_rows, C)
@@ -72,5 +76,4 @@ def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
     return grad_rows, grad_sum
 
 
-# No forward op of its own: patch_pool / token_pool import this module before registering.
-_common._library.register_kernel(OP + _common._library.TRITON_SUFFIX, pool_backward_triton)
+_common.register({OP: pool_backward_triton})

@@ -1,5 +1,5 @@
-"""What is benchmarked and how it is timed, shared by the pytest-benchmark suites and
-`python -m benchmarks`.
+"""What is benchmarked, shared by the pytest-benchmark suites and `python -m benchmarks` (timing in
+`benchmarks.timing`, the result checks in `benchmarks.checks`).
 
 An op benchmark is (op spec, batch, dtype, device, pass, provider):
 - the op specs (`OPS`) build paper-shaped inputs, run each provider and count the minimal traffic
@@ -11,9 +11,6 @@ An op benchmark is (op spec, batch, dtype, device, pass, provider):
 - passes: "fwd" (under no_grad), "bwd" (autograd.grad of one retained forward) and "fwd+bwd".
 """
 import dataclasses
-import math
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -28,17 +25,16 @@ BASELINES = ("eager", "compile")
 KERNEL_PROVIDERS = ("cuda", "triton", "cpu", "reference")
 PROVIDERS = BASELINES + KERNEL_PROVIDERS
 
-# Shapes of the papers' RAF-DB configurations (SPEC 1.2, 1.3, 2.2).
+# Shapes of the papers' RAF-DB configurations.
 APVIT_CHANNELS, APVIT_GRID, APVIT_KEEP = 768, 14, 160
 APVIT_TOKENS, APVIT_HEADS, APVIT_HEAD_DIM, APVIT_TOKEN_KEEP = 161, 8, 96, 144
 DAN_CHANNELS, DAN_GRID, DAN_HEADS = 512, 7, 4
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
-# torch.compile specialises on every shape and dtype: one process compiles many variants.
-for _name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, max(getattr(torch._dynamo.config, _name), 256))
+# torch.compile specialises on every shape and dtype: one process compiles many variants. Raised
+# only around the benchmarks' own compiled calls, not for whoever imports this module.
+RECOMPILE_LIMIT = 256
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -202,7 +198,9 @@ DAN_HEAD_FUSION = OpSpec(
     traffic=_fusion_traffic,
 )
 
-OPS = {spec.name: spec for spec in (PATCH_POOL, TOKEN_POOL, DAN_SPATIAL_POOL, DAN_HEAD_FUSION)}
+_SPECS = {spec.name: spec for spec in (PATCH_POOL, TOKEN_POOL, DAN_SPATIAL_POOL, DAN_HEAD_FUSION)}
+# One spec per public op of the op registry, in its order (a new op without a spec fails here).
+OPS = {name: _SPECS[name] for name in apkernels.OPS}
 
 # The CPU targets: fused CPU kernel >= 2x the eager official formulation at the target batch.
 CPU_TARGETS = (
@@ -238,8 +236,24 @@ def compiled_reference(spec: OpSpec, backend: str = "inductor"):
     instead of the 10-90 s an Inductor compile takes on a small CPU): the smoke tests use it."""
     key = (spec.name, backend)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(spec.reference, backend=backend, fullgraph=True, dynamic=False)
+        compiled = torch.compile(spec.reference, backend=backend, fullgraph=True, dynamic=False)
+
+        def run(*args, _compiled=compiled):
+            with torch._dynamo.config.patch(_recompile_limits()):
+                return _compiled(*args)
+
+        _COMPILED[key] = run
     return _COMPILED[key]
+
+
+def _recompile_limits() -> dict:
+    """The dynamo recompile limits (named differently across torch versions) raised to RECOMPILE_LIMIT."""
+    config = torch._dynamo.config
+    return {
+        name: max(getattr(config, name), RECOMPILE_LIMIT)
+        for name in ("recompile_limit", "cache_size_limit")
+        if hasattr(config, name)
+    }
 
 
 def provider_fn(spec: OpSpec, provider: str, compile_backend: str = "inductor") -> Callable:
@@ -283,141 +297,3 @@ def pass_fn(spec: OpSpec, provider: str, inputs: dict, pass_: str, grads=None, c
 def make_grads(spec: OpSpec, inputs: dict, generator) -> list:
     outs = float_outputs(spec.eager({k: v.detach() for k, v in inputs.items()}))
     return [_randn(generator, *o.shape, dtype=o.dtype, device=o.device) for o in outs]
-
-
-# ---------------------------------------------------------------------------------------- timing
-@dataclasses.dataclass
-class Timing:
-    ms: float
-    p20: float
-    p80: float
-    samples: int
-
-
-def _quantile(sorted_values, q):
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def summarize(samples_ms) -> Timing:
-    s = sorted(samples_ms)
-    return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s))
-
-
-def time_cpu(fn, reps: int = 20, min_sample_s: float = 2e-3, warmup: int = 2) -> Timing:
-    """Median / p20 / p80 over `reps` samples; each sample averages enough calls to last
-    `min_sample_s`, so microsecond ops are not timer noise."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_sample_s / once))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner * 1e3)
-    return summarize(samples)
-
-
-def time_cuda(fn, reps: int = 100, warmup: int = 25) -> Timing:
-    """CUDA timing with events: triton.testing.do_bench (which flushes L2 between calls) when
-    Triton is importable, else CUDA events around each call after a cache flush."""
-    try:
-        from triton.testing import do_bench
-    except Exception:  # noqa: BLE001  (no triton: own event loop)
-        do_bench = None
-    if do_bench is not None:
-        # do_bench's warmup/rep are milliseconds of GPU time; scale them with the call count asked for
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        once = max(start.elapsed_time(end), 1e-3)
-        med, p20, p80 = do_bench(fn, warmup=max(1, int(once * warmup)), rep=max(1, int(once * reps)), quantiles=[0.5, 0.2, 0.8])
-        return Timing(med, p20, p80, reps)
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-
-def time_fn(fn, device, reps: int, min_sample_s: float = 2e-3) -> Timing:
-    if torch.device(device).type == "cuda":
-        return time_cuda(fn, reps=reps, warmup=max(2, reps // 4))
-    return time_cpu(fn, reps=reps, min_sample_s=min_sample_s)
-
-
-def peak_memory_mb(fn, device) -> float | None:
-    """Peak allocated memory (MiB) during one call, inputs included: CUDA's max_memory_allocated.
-
-    On the CPU torch keeps no allocator statistics (and tracemalloc does not see its allocations),
-    so this is None ("n/a")."""
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
-def copy_bandwidth_gbps(device, megabytes: int = 256, reps: int = 10) -> float:
-    """The device's measured copy bandwidth (GB/s, read + write counted): dst.copy_(src)."""
-    n = megabytes * 2**20 // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, reps=reps, min_sample_s=0.0)
-    return 2 * n * 4 / (t.ms * 1e-3) / 1e9
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-# ------------------------------------------------------------------------- checks (smoke tests)
-CHECK_TOL = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 3e-2), torch.float16: (3e-3, 3e-3)}
-
-
-def expected_result(spec: OpSpec, inputs: dict, pass_: str, grads):
-    """What one call of a pass returns, computed with apkernels.reference: the forward outputs
-    ("fwd") or the gradients of the inputs in `spec.grad_names` ("bwd", "fwd+bwd")."""
-    _, outputs = pass_fn(spec, "reference", inputs, "fwd")
-    if pass_ == "fwd":
-        return outputs
-    run, _ = pass_fn(spec, "reference", inputs, "fwd+bwd", grads)
-    return run()
-
-
-def assert_matches(spec: OpSpec, provider: str, dtype, result, expected) -> None:
-    """A provider's result equals the reference's: kept indices exactly, values within the dtype's
-    tolerance. The official formulation scores in the input dtype (the reference in fp32), so its
-    selection may legitimately differ below fp32: there only shapes are compared."""
-    result = result if isinstance(result, (tuple, list)) else (result,)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    assert len(result) == len(expected), f"{provider}: {len(result)} results, expected {len(expected)}"
-    loose = provider == "eager" and dtype not in (torch.float32, torch.float64)
-    atol, rtol = CHECK_TOL[dtype]
-    for i, (got, want) in enumerate(zip(result, expected)):
-        assert got.shape == want.shape, f"{provider} result {i}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        if loose:
-            continue
-        if not got.is_floating_point():
-            assert torch.equal(got.cpu(), want.cpu()), f"{provider} result {i}: kept indices differ from the reference"
-        else:
-            torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{provider} result {i}: {m}")
