@@ -152,9 +152,14 @@ class PoolingViT(nn.Module):
     def forward(self, features: torch.Tensor):
         f = self.projs[0](features)
         pos = self.patch_pos_embed
-        # Under autocast f is fp16/bf16 while pos is fp32: promote both, as `f + pos` would.
-        dtype = torch.promote_types(f.dtype, pos.dtype)
-        tokens, patch_index = self.patch_pool(f.to(dtype), pos.to(dtype))
+        if torch.is_autocast_enabled(f.device.type):
+            # Under autocast f is already fp16/bf16: pool in that dtype (the kernels add pos in fp32
+            # and round once) rather than promote the whole feature map to fp32 for one add.
+            pos = pos.to(f.dtype)
+        else:
+            dtype = torch.promote_types(f.dtype, pos.dtype)
+            f, pos = f.to(dtype), pos.to(dtype)
+        tokens, patch_index = self.patch_pool(f, pos)
         cls = (self.cls_token + self.cls_pos_embed).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         token_indices = []

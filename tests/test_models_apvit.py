@@ -327,6 +327,27 @@ def test_autocast(small_state, device, dtype):
     assert [i.shape[1] for i in outputs["fast"].token_indices[1:]] == SMALL_COUNTS[1:]
 
 
+def test_autocast_bf16_pools_in_bf16(small_state):
+    # The feature map is not promoted to fp32 before patch pooling: under bf16 autocast both pooling
+    # ops receive bf16 tensors (the bf16 kernels run end to end).
+    model, _ = small_pair(small_state, "auto", "cpu")
+    received = []
+
+    def record(module, args):
+        received.append((type(module).__name__, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+
+    model.vit.patch_pool.register_forward_pre_hook(record)
+    for block in model.vit.blocks:
+        if block.token_pool is not None:
+            block.token_pool.register_forward_pre_hook(record)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(small_images())
+    assert logits.dtype == torch.bfloat16
+    assert received[0] == ("AttentivePatchPool", [torch.bfloat16, torch.bfloat16])
+    token_pools = [dtypes for name, dtypes in received if name == "AttentiveTokenPool"]
+    assert token_pools and all(d == [torch.bfloat16] * 3 for d in token_pools)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(small_state, device):
     # Inductor's C++ compile takes minutes on a small CPU runner; there aot_eager checks the same

@@ -41,8 +41,12 @@ def _batch_sum_kernel(rows_ptr, sum_ptr, B, numel, ACC: tl.constexpr, BLOCK: tl.
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     acc = tl.zeros([BLOCK], ACC)
+    # The pointers advance by numel per image: no b * numel product, which overflows int32 once
+    # B * numel >= 2^31 (numel alone is specialised as int32 whenever it fits).
+    ptrs = rows_ptr + i
     for b in range(0, B):
-        acc += tl.load(rows_ptr + b * numel + i, mask=mask, other=0.0).to(ACC)
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        ptrs += numel
     tl.store(sum_ptr + i, _common.round_to(acc, sum_ptr.dtype.element_ty), mask=mask)
 
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <c10/util/Exception.h>
 
@@ -74,46 +75,21 @@ inline ScoreKind parse_token_score(const std::string& name) {
   TORCH_CHECK_VALUE(false, "token_pool: score must be one of sum, sum_abs, max; got '", name, "'");
 }
 
-// Apply one element to a running score (acc starts at score_init(kind)).
-template <typename acc_t>
-APK_HOST_DEVICE acc_t score_init(ScoreKind kind) {
-  return (kind == ScoreKind::Max) ? -INFINITY : acc_t(0);
-}
-
-template <typename acc_t>
-APK_HOST_DEVICE acc_t score_step(ScoreKind kind, acc_t acc, acc_t v) {
-  switch (kind) {
-    case ScoreKind::SumAbs: return acc + (v < 0 ? -v : v);
-    case ScoreKind::Sum: return acc + v;
-    case ScoreKind::SumSq: return acc + v * v;
-    case ScoreKind::Max: return (v > acc || v != v) ? v : acc;  // NaN propagates, like amax
-    case ScoreKind::MaxAbs: {
-      acc_t a = v < 0 ? -v : v;
-      return (a > acc || a != a) ? a : acc;
-    }
-  }
-  return acc;
-}
-
-// Compile-time versions of score_init / score_step (the kind as a template argument, so that the
-// inner loops carry no switch and vectorise), plus score_combine, which merges two partial scores
-// of the same kind (partial sums add; partial maxima take the NaN-propagating max).
+// The score reduction, one form for every kernel (CPU and CUDA): the kind is a template argument,
+// so inner loops carry no switch and vectorise. A score is score_combine over its elements'
+// score_term: partial sums add, partial maxima take the NaN-propagating max (like amax), so
+// partial scores (lanes, warps, thread groups) merge with score_combine too.
 template <ScoreKind kind, typename acc_t>
-APK_HOST_DEVICE acc_t score_init_t() {
+APK_HOST_DEVICE acc_t score_init() {
   if constexpr (kind == ScoreKind::Max) return -INFINITY;
-  else return acc_t(0);
+  else return acc_t(0);  // sums, and maxima of non-negative terms
 }
 
 template <ScoreKind kind, typename acc_t>
-APK_HOST_DEVICE acc_t score_step_t(acc_t acc, acc_t v) {
-  if constexpr (kind == ScoreKind::SumAbs) return acc + (v < 0 ? -v : v);
-  else if constexpr (kind == ScoreKind::Sum) return acc + v;
-  else if constexpr (kind == ScoreKind::SumSq) return acc + v * v;
-  else if constexpr (kind == ScoreKind::Max) return (v > acc || v != v) ? v : acc;
-  else {
-    acc_t a = v < 0 ? -v : v;
-    return (a > acc || a != a) ? a : acc;
-  }
+APK_HOST_DEVICE acc_t score_term(acc_t v) {
+  if constexpr (kind == ScoreKind::SumAbs || kind == ScoreKind::MaxAbs) return v < 0 ? -v : v;
+  else if constexpr (kind == ScoreKind::SumSq) return v * v;
+  else return v;
 }
 
 template <ScoreKind kind, typename acc_t>
@@ -122,17 +98,34 @@ APK_HOST_DEVICE acc_t score_combine(acc_t a, acc_t b) {
   else return a + b;
 }
 
-// Calls f(std::integral_constant<ScoreKind, kind>{}) for a runtime kind: one instantiation per kind.
-template <typename F>
-inline decltype(auto) dispatch_score_kind(ScoreKind kind, F&& f) {
-  switch (kind) {
-    case ScoreKind::SumAbs: return f(std::integral_constant<ScoreKind, ScoreKind::SumAbs>{});
-    case ScoreKind::Sum: return f(std::integral_constant<ScoreKind, ScoreKind::Sum>{});
-    case ScoreKind::SumSq: return f(std::integral_constant<ScoreKind, ScoreKind::SumSq>{});
-    case ScoreKind::Max: return f(std::integral_constant<ScoreKind, ScoreKind::Max>{});
-    case ScoreKind::MaxAbs: break;
+// Apply one element to a running score (acc starts at score_init).
+template <ScoreKind kind, typename acc_t>
+APK_HOST_DEVICE acc_t score_step(acc_t acc, acc_t v) {
+  return score_combine<kind, acc_t>(acc, score_term<kind, acc_t>(v));
+}
+
+// Calls f(std::integral_constant<ScoreKind, kind>{}) for a runtime kind, instantiating f only for
+// the kinds listed (the op's parse_*_score has already rejected any other).
+template <ScoreKind kFirst, ScoreKind... kRest, typename F>
+inline decltype(auto) dispatch_score_kind_among(ScoreKind kind, F&& f) {
+  if constexpr (sizeof...(kRest) == 0) {
+    return f(std::integral_constant<ScoreKind, kFirst>{});
+  } else {
+    if (kind == kFirst) return f(std::integral_constant<ScoreKind, kFirst>{});
+    return dispatch_score_kind_among<kRest...>(kind, std::forward<F>(f));
   }
-  return f(std::integral_constant<ScoreKind, ScoreKind::MaxAbs>{});
+}
+
+// The scores of each op: patch pooling reduces over channels, token pooling over heads.
+template <typename F>
+inline decltype(auto) dispatch_patch_score(ScoreKind kind, F&& f) {
+  return dispatch_score_kind_among<ScoreKind::SumAbs, ScoreKind::Sum, ScoreKind::SumSq, ScoreKind::Max,
+                                   ScoreKind::MaxAbs>(kind, std::forward<F>(f));
+}
+
+template <typename F>
+inline decltype(auto) dispatch_token_score(ScoreKind kind, F&& f) {
+  return dispatch_score_kind_among<ScoreKind::Sum, ScoreKind::SumAbs, ScoreKind::Max>(kind, std::forward<F>(f));
 }
 
 }  // namespace apkernels

@@ -56,4 +56,26 @@ inline at::Tensor check_patch_pos(const std::optional<at::Tensor>& pos_in, const
   return p.dim() == 3 ? p.select(0, 0) : p;
 }
 
+// pool_backward's arguments: grad_tokens [B, K, C], index int64 [B, K] on its device, num_rows >= 0.
+// Empty inputs (B == 0, K == 0, C == 0, num_rows == 0) are valid. dtype checks are each kernel's.
+inline void check_pool_backward_args(const at::Tensor& grad_tokens, const at::Tensor& index, int64_t num_rows) {
+  TORCH_CHECK_VALUE(grad_tokens.dim() == 3, "pool_backward: grad_tokens must be 3-D [B, K, C], got shape ",
+                    grad_tokens.sizes());
+  const int64_t B = grad_tokens.size(0), K = grad_tokens.size(1);
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong, "pool_backward: index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.device() == grad_tokens.device(), "pool_backward: index must be on the same device as ",
+                    "grad_tokens (", grad_tokens.device(), "), got ", index.device());
+  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B && index.size(1) == K,
+                    "pool_backward: index must have shape [", B, ", ", K, "] (B, K of grad_tokens), got ",
+                    index.sizes());
+  TORCH_CHECK_VALUE(num_rows >= 0, "pool_backward: num_rows must be >= 0, got ", num_rows);
+}
+
+// pool_backward's index values, given their smallest and largest: every one in [0, num_rows).
+// A RuntimeError (the values, not the arguments' form, are wrong), raised before any kernel runs.
+inline void check_pool_backward_index_range(int64_t lowest, int64_t highest, int64_t num_rows) {
+  TORCH_CHECK(lowest >= 0 && highest < num_rows, "pool_backward: index must be in [0, ", num_rows,
+              ") (num_rows), got ", lowest < 0 ? lowest : highest);
+}
+
 }  // namespace apkernels

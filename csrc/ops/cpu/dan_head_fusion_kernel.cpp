@@ -1,4 +1,4 @@
-// DAN channel gating + attention fusion (SPEC 2.2-2.3) on the CPU, forward and backward, fused.
+// DAN channel gating + attention fusion on the CPU, forward and backward, fused.
 //
 // Forward, per image b and channel c, over the M heads:
 //   h[m] = g[m] sigmoid(a[m]);  heads[m] = h[m] - logsumexp_m h  (only when M > 1);  fused = sum_m heads[m].
@@ -27,7 +27,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace apkernels {
+namespace apkernels::cpu {
 namespace {
 
 constexpr int64_t kBlock = 256;  // channels per task (long loops amortise the vectorised loops' set-up)
@@ -291,10 +291,9 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cpu(const at::Tensor
 }
 
 }  // namespace
+}  // namespace apkernels::cpu
 
 TORCH_LIBRARY_IMPL(apkernels, CPU, m) {
-  m.impl("dan_head_fusion", &dan_head_fusion_cpu);
-  m.impl("dan_head_fusion_backward", &dan_head_fusion_backward_cpu);
+  m.impl("dan_head_fusion", &apkernels::cpu::dan_head_fusion_cpu);
+  m.impl("dan_head_fusion_backward", &apkernels::cpu::dan_head_fusion_backward_cpu);
 }
-
-}  // namespace apkernels

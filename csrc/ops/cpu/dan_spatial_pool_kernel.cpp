@@ -1,4 +1,4 @@
-// DAN spatial attention + global average pool (SPEC 2.2) on the CPU, forward and backward.
+// DAN spatial attention + global average pool on the CPU, forward and backward.
 //
 // Per image b and head m: s[p] = sum_c2 relu(z[b, m, c2, p]) and g[b, m, c] = mean_p x[b, c, p] s[p],
 // i.e. G = X (C x P) @ S^T (P x M) / P: the [B, M, C, H, W] product x * s of the official code never
@@ -21,7 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace apkernels {
+namespace apkernels::cpu {
 namespace {
 
 // One [H, W] plane of a 4-D / 5-D tensor: position p = h * W + w lies at ptr + h * sh + w * sw.
@@ -234,10 +234,9 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cpu(const at::Tenso
 }
 
 }  // namespace
+}  // namespace apkernels::cpu
 
 TORCH_LIBRARY_IMPL(apkernels, CPU, m) {
-  m.impl("dan_spatial_pool", &dan_spatial_pool_cpu);
-  m.impl("dan_spatial_pool_backward", &dan_spatial_pool_backward_cpu);
+  m.impl("dan_spatial_pool", &apkernels::cpu::dan_spatial_pool_cpu);
+  m.impl("dan_spatial_pool_backward", &apkernels::cpu::dan_spatial_pool_backward_cpu);
 }
-
-}  // namespace apkernels

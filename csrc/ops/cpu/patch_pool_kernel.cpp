@@ -1,4 +1,4 @@
-// CPU kernel of apkernels::patch_pool, APViT's attentive patch pooling (SPEC 1.2):
+// CPU kernel of apkernels::patch_pool, APViT's attentive patch pooling:
 // score every position of x [B, C, H, W] by a channel reduction, keep the top `keep` positions
 // (ascending), gather (x as tokens + pos) there. One pass of at::parallel_for over the batch;
 // x is read in place through its strides (NCHW or channels_last), never copied.
@@ -32,14 +32,14 @@ void patch_scores(const scalar_t* x, int64_t C, int64_t N, int64_t sC, int64_t s
     return;
   }
   // NCHW: walk the channels, the inner loop runs over contiguous positions (vectorised).
-  for (int64_t n = 0; n < N; ++n) score[n] = score_init_t<kind, acc_t>();
+  for (int64_t n = 0; n < N; ++n) score[n] = score_init<kind, acc_t>();
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* row = x + c * sC;
     if (sN == 1) {
-      for (int64_t n = 0; n < N; ++n) score[n] = score_step_t<kind, acc_t>(score[n], static_cast<acc_t>(row[n]));
+      for (int64_t n = 0; n < N; ++n) score[n] = score_step<kind, acc_t>(score[n], static_cast<acc_t>(row[n]));
     } else {
       for (int64_t n = 0; n < N; ++n)
-        score[n] = score_step_t<kind, acc_t>(score[n], static_cast<acc_t>(row[n * sN]));
+        score[n] = score_step<kind, acc_t>(score[n], static_cast<acc_t>(row[n * sN]));
     }
   }
 }
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cpu(const at::Tensor& x_in, int64_
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* pos_ptr = pos.defined() ? pos.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = tokens.data_ptr<scalar_t>();
-    dispatch_score_kind(kind, [&](auto kind_c) {
+    dispatch_patch_score(kind, [&](auto kind_c) {
       constexpr ScoreKind K = decltype(kind_c)::value;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<acc_t> scores(N);

@@ -1,10 +1,11 @@
 // CPU kernel of apkernels::pool_backward, the backward of both pooling ops (a row gather):
-//   grad_rows [B, num_rows, C] = zeros with grad_tokens [B, K, C] placed at index [B, K];
-//   grad_sum [num_rows, C] = grad_rows summed over the batch (the position-embedding gradient,
-//   accumulated in fp32 / fp64 in a fixed order, so deterministic) when reduce_batch, else an
-//   empty tensor [0].
-// Each output row is written exactly once (copied or zeroed). A repeated index within one batch
-// item accumulates (the true gradient of a gather); the pooling ops never produce one.
+//   grad_rows [B, num_rows, C]: grad_rows[b, p] = sum of grad_tokens[b, j] over every j with
+//   index[b, j] == p, in ascending j (repeated indices accumulate: the true gradient of a gather;
+//   the pooling ops never produce one), zero where no j points;
+//   grad_sum [num_rows, C] = grad_rows summed over the batch (the position-embedding gradient) when
+//   reduce_batch, else an empty tensor [0].
+// Sums run in fp32 (fp64 for fp64) in a fixed order, so results are deterministic. Index values
+// outside [0, num_rows) raise a RuntimeError naming `index`; empty inputs give zeros / empty outputs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +15,8 @@
 #include <algorithm>
 #include <tuple>
 #include <vector>
+
+#include "ops/pool_checks.h"
 
 namespace apkernels::cpu {
 namespace {
@@ -27,25 +30,15 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_toke
                     grad_tokens.device());
   TORCH_CHECK_VALUE(at::isFloatingType(grad_tokens.scalar_type()),
                     "pool_backward: grad_tokens must be a floating-point tensor, got ", grad_tokens.scalar_type());
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 3, "pool_backward: grad_tokens must be 3-D [B, K, C], got shape ",
-                    grad_tokens.sizes());
+  check_pool_backward_args(grad_tokens, index_in, num_rows);
   const int64_t B = grad_tokens.size(0), K = grad_tokens.size(1), C = grad_tokens.size(2);
-  TORCH_CHECK_VALUE(index_in.scalar_type() == at::kLong, "pool_backward: index must be int64, got ",
-                    index_in.scalar_type());
-  TORCH_CHECK_VALUE(index_in.device() == grad_tokens.device(),
-                    "pool_backward: index must be on the same device as grad_tokens (", grad_tokens.device(),
-                    "), got ", index_in.device());
-  TORCH_CHECK_VALUE(index_in.dim() == 2 && index_in.size(0) == B && index_in.size(1) == K,
-                    "pool_backward: index must have shape [", B, ", ", K, "] (B, K of grad_tokens), got ",
-                    index_in.sizes());
-  TORCH_CHECK_VALUE(num_rows >= 1, "pool_backward: num_rows must be >= 1, got ", num_rows);
 
   const at::Tensor index = index_in.contiguous();
   const at::Tensor grad = grad_tokens.stride(2) == 1 ? grad_tokens : grad_tokens.contiguous();
   const int64_t* idx_ptr = index.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * K; ++i) {
-    TORCH_CHECK_VALUE(idx_ptr[i] >= 0 && idx_ptr[i] < num_rows, "pool_backward: index must be in [0, ", num_rows,
-                      ") (num_rows), got ", idx_ptr[i]);
+  if (B * K > 0) {
+    const auto [lowest, highest] = std::minmax_element(idx_ptr, idx_ptr + B * K);
+    check_pool_backward_index_range(*lowest, *highest, num_rows);
   }
   const int64_t gsB = grad.stride(0), gsK = grad.stride(1);
 

@@ -52,14 +52,14 @@ constexpr int kLanes = 16;
 template <ScoreKind kind, typename acc_t>
 inline acc_t reduce_contiguous(const acc_t* v, int64_t len) {
   acc_t part[kLanes];
-  for (int j = 0; j < kLanes; ++j) part[j] = score_init_t<kind, acc_t>();
+  for (int j = 0; j < kLanes; ++j) part[j] = score_init<kind, acc_t>();
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) part[j] = score_step_t<kind, acc_t>(part[j], v[i + j]);
+    for (int j = 0; j < kLanes; ++j) part[j] = score_step<kind, acc_t>(part[j], v[i + j]);
   }
   acc_t acc = part[0];
   for (int j = 1; j < kLanes; ++j) acc = score_combine<kind, acc_t>(acc, part[j]);
-  for (; i < len; ++i) acc = score_step_t<kind, acc_t>(acc, v[i]);
+  for (; i < len; ++i) acc = score_step<kind, acc_t>(acc, v[i]);
   return acc;
 }
 
@@ -72,7 +72,7 @@ inline acc_t reduce_converted(const scalar_t* v, int64_t len) {
   } else {
     constexpr int64_t kChunk = 256;
     acc_t buf[kChunk];
-    acc_t acc = score_init_t<kind, acc_t>();
+    acc_t acc = score_init<kind, acc_t>();
     for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
       const int64_t n = std::min(kChunk, len - i0);
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(v[i0 + i]);

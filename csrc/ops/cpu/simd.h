@@ -25,7 +25,7 @@
 #define APK_INLINE inline
 #endif
 
-namespace apkernels {
+namespace apkernels::cpu {
 
 // Software prefetch of the n bytes at p (a hint: addresses past the end of a tensor are harmless).
 // The relu-sum and pooling loops read short rows (49 floats at 7x7) whose strided sweeps the
@@ -75,4 +75,4 @@ APK_INLINE acc_t to_acc(scalar_t v) {
   }
 }
 
-}  // namespace apkernels
+}  // namespace apkernels::cpu

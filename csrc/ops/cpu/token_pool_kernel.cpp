@@ -1,4 +1,4 @@
-// CPU kernel of apkernels::token_pool, APViT's attentive token pooling (SPEC 1.3): score the
+// CPU kernel of apkernels::token_pool, APViT's attentive token pooling: score the
 // patch tokens 1..N-1 by the CLS-query row of the pre-softmax logits, q[:, h, 0] . k[:, h, j] *
 // scale, reduced over the heads; keep CLS plus the top `keep` tokens (ascending) and gather x.
 // q and k are read through their strides (views of a [B, N, 3, heads, d] qkv tensor need no copy)
@@ -41,10 +41,10 @@ void token_scores(const scalar_t* q, const scalar_t* k, int64_t heads, int64_t N
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t e = 0; e < D; ++e) q_cls[h * D + e] = static_cast<acc_t>(q[h * q_strides[0] + e * q_strides[2]]);
   for (int64_t j = 1; j < N; ++j) {
-    acc_t s = score_init_t<kind, acc_t>();
+    acc_t s = score_init<kind, acc_t>();
     for (int64_t h = 0; h < heads; ++h) {
       const acc_t logit = dot(q_cls.data() + h * D, k + h * k_strides[0] + j * k_strides[1], D, k_strides[2]) * scale;
-      s = score_step_t<kind, acc_t>(s, logit);
+      s = score_step<kind, acc_t>(s, logit);
     }
     score[j - 1] = s;
   }
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cpu(const at::Tensor& x, const at:
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_pool_cpu_gather", [&] {
       const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
       scalar_t* out_ptr = tokens.data_ptr<scalar_t>();
-      dispatch_score_kind(kind, [&](auto kind_c) {
+      dispatch_token_score(kind, [&](auto kind_c) {
         constexpr ScoreKind SK = decltype(kind_c)::value;
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
           std::vector<acc_t> scores(N - 1), q_cls;

@@ -1,4 +1,4 @@
-// CUDA kernels of DAN's two fused ops (SPEC 2.2-2.3), in one translation unit to keep the build short.
+// CUDA kernels of DAN's two fused ops, in one translation unit to keep the build short.
 //
 // dan_spatial_pool: g[b, m, c] = mean_p x[b, c, p] s[b, m, p],  s[b, m, p] = sum_c2 relu(z[b, m, c2, p]).
 //   channel_reduce_kernel   s (forward and backward) and t[b, m, p] = sum_c dg[b, m, c] x[b, c, p] / P
@@ -10,28 +10,24 @@
 // dan_head_fusion: one thread per (image, channel) walks the heads (online logsumexp), twice.
 // No atomics: every reduction has a fixed order, so results are deterministic run to run.
 // Inputs of any strides are read in place; outputs are contiguous; indices are int64; s and t are
-// kept in fp32 (fp64 for fp64) between kernels. dtypes: fp32, fp16, bf16 (and fp64).
+// kept in fp32 between kernels. dtypes: fp32, fp16, bf16 (the CUDA dtype policy: float64 is rejected).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
 
-#include "ops/cuda/launch.cuh"
+#include "ops/cuda/helpers.cuh"
 #include "ops/dan_checks.h"
 
-namespace apkernels {
+namespace apkernels::cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kReduceWarps = 8;  // warps of channel_reduce_kernel
-constexpr int kPoolWarps = 8;    // warps (channels) per block of pool_kernel
-constexpr int kThreads = 256;    // elementwise kernels
+// Blocks of kThreads as (kWarpSize, kWarps): lanes over positions, warps over channels / (b, c).
+constexpr int kWarp = kWarpSize;
+constexpr int kReduceWarps = kWarps;  // warps of channel_reduce_kernel
+constexpr int kPoolWarps = kWarps;    // warps (channels) per block of pool_kernel
 
 // Strides of x [B, C, H, W] / z [B, M, C2, H, W] (x as a 5-D view with M = 1, stride 0).
 struct View5 {
@@ -59,19 +55,11 @@ __device__ __forceinline__ acc_t relu(acc_t v) {
 }
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
-__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
-__device__ __forceinline__ double log_acc(double v) { return log(v); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t sigmoid(acc_t v) {
   return acc_t(1) / (acc_t(1) + exp_acc(-v));
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;  // complete in lane 0
 }
 
 // out[b, m, p] = sum_k w(b, m, k) f(in[b, m, k, p]) / divisor over k < K, where
@@ -109,10 +97,11 @@ __global__ void channel_reduce_kernel(const scalar_t* __restrict__ in, View5 iv,
   }
 }
 
-// g[b, m, c] = sum_p x[b, c, p] s[b, m, p] / P: one warp per (b, c), all M heads.
+// g[b, m, c] = sum_p x[b, c, p] s[b, m, p] / P: one warp per (b, c), all M heads. P < 2^31
+// (checked on the host): positions are 32-bit, split into (h, w) by a magic-number division.
 template <typename scalar_t, typename acc_t>
 __global__ void pool_kernel(const scalar_t* __restrict__ x, View5 xv, const acc_t* __restrict__ s, int64_t B,
-                            int64_t C, int64_t M, int64_t W, int64_t P, scalar_t* __restrict__ g) {
+                            int64_t C, int64_t M, Divider<uint32_t> by_W, uint32_t P, scalar_t* __restrict__ g) {
   const int64_t bc = static_cast<int64_t>(blockIdx.x) * kPoolWarps + threadIdx.y;
   if (bc >= B * C) return;  // uniform per warp: no shuffle below is left half-full
   const int64_t b = bc / C, c = bc % C;
@@ -120,20 +109,25 @@ __global__ void pool_kernel(const scalar_t* __restrict__ x, View5 xv, const acc_
   for (int64_t m = 0; m < M; ++m) {
     const acc_t* sm = s + (b * M + m) * P;
     acc_t acc = 0;
-    for (int64_t p = threadIdx.x; p < P; p += kWarp)
-      acc += static_cast<acc_t>(xb[(p / W) * xv.s3 + (p % W) * xv.s4]) * sm[p];
+    for (uint32_t p = threadIdx.x; p < P; p += kWarp) {
+      const auto hw = by_W.divmod(p);
+      acc += static_cast<acc_t>(xb[static_cast<int64_t>(hw.div) * xv.s3 + static_cast<int64_t>(hw.mod) * xv.s4]) * sm[p];
+    }
     acc = warp_sum(acc);
     if (threadIdx.x == 0) g[(b * M + m) * C + c] = static_cast<scalar_t>(acc / static_cast<acc_t>(P));
   }
 }
 
-// dx[b, c, p] = sum_m dg[b, m, c] s[b, m, p] / P, dx contiguous.
-template <typename scalar_t, typename acc_t>
-__global__ void grad_x_kernel(const scalar_t* __restrict__ dg, View3 gv, const acc_t* __restrict__ s, int64_t C,
-                              int64_t M, int64_t P, int64_t n, scalar_t* __restrict__ dx) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = i % P, bc = i / P, c = bc % C, b = bc / C;
+// dx[b, c, p] = sum_m dg[b, m, c] s[b, m, p] / P, dx contiguous (n elements).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void grad_x_kernel(const scalar_t* __restrict__ dg, View3 gv, const acc_t* __restrict__ s,
+                              Divider<index_t> by_C, Divider<index_t> by_P, int64_t M, int64_t P, index_t n,
+                              scalar_t* __restrict__ dx) {
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto bc_p = by_P.divmod(i);
+    const auto b_c = by_C.divmod(bc_p.div);
+    const int64_t p = bc_p.mod, c = b_c.mod, b = b_c.div;
     acc_t acc = 0;
     for (int64_t m = 0; m < M; ++m)
       acc += static_cast<acc_t>(dg[b * gv.s0 + m * gv.s1 + c * gv.s2]) * s[(b * M + m) * P + p];
@@ -141,14 +135,20 @@ __global__ void grad_x_kernel(const scalar_t* __restrict__ dg, View3 gv, const a
   }
 }
 
-// dz[b, m, c2, p] = 1[z > 0] t[b, m, p], dz contiguous.
-template <typename scalar_t, typename acc_t>
-__global__ void grad_z_kernel(const scalar_t* __restrict__ z, View5 zv, const acc_t* __restrict__ t, int64_t M,
-                              int64_t C2, int64_t W, int64_t P, int64_t n, scalar_t* __restrict__ dz) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = i % P, row = i / P, c2 = row % C2, bm = row / C2, m = bm % M, b = bm / M;
-    const acc_t v = static_cast<acc_t>(z[b * zv.s0 + m * zv.s1 + c2 * zv.s2 + (p / W) * zv.s3 + (p % W) * zv.s4]);
+// dz[b, m, c2, p] = 1[z > 0] t[b, m, p], dz contiguous (n elements).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void grad_z_kernel(const scalar_t* __restrict__ z, View5 zv, const acc_t* __restrict__ t,
+                              Divider<index_t> by_M, Divider<index_t> by_C2, Divider<index_t> by_W,
+                              Divider<index_t> by_P, int64_t P, index_t n, scalar_t* __restrict__ dz) {
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto row_p = by_P.divmod(i);
+    const auto bm_c2 = by_C2.divmod(row_p.div);
+    const auto b_m = by_M.divmod(bm_c2.div);
+    const auto h_w = by_W.divmod(row_p.mod);
+    const int64_t b = b_m.div, m = b_m.mod, c2 = bm_c2.mod, bm = bm_c2.div, p = row_p.mod;
+    const acc_t v = static_cast<acc_t>(
+        z[b * zv.s0 + m * zv.s1 + c2 * zv.s2 + static_cast<int64_t>(h_w.div) * zv.s3 + static_cast<int64_t>(h_w.mod) * zv.s4]);
     dz[i] = static_cast<scalar_t>(v > acc_t(0) ? t[bm * P + p] : acc_t(0));
   }
 }
@@ -216,13 +216,6 @@ __global__ void head_fusion_backward_kernel(const scalar_t* __restrict__ grad_fu
   }
 }
 
-// Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more.
-int64_t elementwise_blocks(int64_t n) {
-  const int64_t wanted = (n + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return std::max<int64_t>(1, std::min(wanted, cap));
-}
-
 // s [B, M, P] (or t, with dg) in the accumulation type.
 template <bool kRelu, typename scalar_t, typename acc_t>
 at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, int64_t M, int64_t K, int64_t W,
@@ -241,10 +234,13 @@ at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, 
 
 at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
   const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, APK_CUDA_DEVICE_TYPE);
+  check_cuda_float("dan_spatial_pool", "x", x);
+  TORCH_CHECK_VALUE(d.P <= INT32_MAX, "dan_spatial_pool: the CUDA kernel takes at most 2^31-1 positions H*W, got ",
+                    d.P);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor g = at::empty({d.B, d.M, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_cuda", [&] {
+  APK_DISPATCH_CUDA_FLOATS(x.scalar_type(), "dan_spatial_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const at::Tensor s =
@@ -253,8 +249,8 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
     TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * C = ", d.B * d.C,
                 " exceeds the CUDA grid limit");
     APK_LAUNCH(static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream, pool_kernel<scalar_t, acc_t>)(
-        x.const_data_ptr<scalar_t>(), view_of(x), s.const_data_ptr<acc_t>(), d.B, d.C, d.M, d.W, d.P,
-        g.mutable_data_ptr<scalar_t>());
+        x.const_data_ptr<scalar_t>(), view_of(x), s.const_data_ptr<acc_t>(), d.B, d.C, d.M,
+        Divider<uint32_t>(static_cast<uint32_t>(d.W)), static_cast<uint32_t>(d.P), g.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return g;
@@ -264,12 +260,13 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
                                                                   const at::Tensor& z) {
   const char* op = "dan_spatial_pool_backward";
   const dan::PoolDims d = dan::check_spatial_pool(op, x, z, APK_CUDA_DEVICE_TYPE);
+  check_cuda_float(op, "x", x);
   dan::check_spatial_pool_grad(op, grad_g, x, d);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_x = at::empty({d.B, d.C, d.H, d.W}, x.options());
   at::Tensor grad_z = at::empty({d.B, d.M, d.C2, d.H, d.W}, z.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_backward_cuda", [&] {
+  APK_DISPATCH_CUDA_FLOATS(x.scalar_type(), "dan_spatial_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const at::Tensor s =
@@ -277,26 +274,35 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
     const at::Tensor t = channel_reduce<false, scalar_t, acc_t>(x, &grad_g, d.B, d.M, d.C, d.W, d.P,
                                                                 static_cast<acc_t>(d.P), acc_options, stream);
     const int64_t nx = grad_x.numel(), nz = grad_z.numel();
-    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream, grad_x_kernel<scalar_t, acc_t>)(
-        grad_g.const_data_ptr<scalar_t>(), view3_of(grad_g), s.const_data_ptr<acc_t>(), d.C, d.M, d.P, nx,
-        grad_x.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream, grad_z_kernel<scalar_t, acc_t>)(
-        z.const_data_ptr<scalar_t>(), view_of(z), t.const_data_ptr<acc_t>(), d.M, d.C2, d.W, d.P, nz,
-        grad_z.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_index_type(nx, [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      const auto div = [](int64_t v) { return Divider<index_t>(static_cast<index_t>(v)); };
+      APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream, grad_x_kernel<scalar_t, acc_t, index_t>)(
+          grad_g.const_data_ptr<scalar_t>(), view3_of(grad_g), s.const_data_ptr<acc_t>(), div(d.C), div(d.P), d.M,
+          d.P, static_cast<index_t>(nx), grad_x.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    dispatch_index_type(nz, [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      const auto div = [](int64_t v) { return Divider<index_t>(static_cast<index_t>(v)); };
+      APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream, grad_z_kernel<scalar_t, acc_t, index_t>)(
+          z.const_data_ptr<scalar_t>(), view_of(z), t.const_data_ptr<acc_t>(), div(d.M), div(d.C2), div(d.W),
+          div(d.P), d.P, static_cast<index_t>(nz), grad_z.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {grad_x, grad_z};
 }
 
 std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, const at::Tensor& gate_logits) {
   dan::check_head_fusion("dan_head_fusion", g, gate_logits, APK_CUDA_DEVICE_TYPE);
+  check_cuda_float("dan_head_fusion", "g", g);
   const c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
   at::Tensor fused = at::empty({B, C}, g.options());
   at::Tensor heads = at::empty({B, M, C}, g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_cuda", [&] {
+  APK_DISPATCH_CUDA_FLOATS(g.scalar_type(), "dan_head_fusion_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream, head_fusion_kernel<scalar_t, acc_t>)(
         g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(), view3_of(gate_logits), B,
@@ -312,13 +318,14 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
                                                                  const at::Tensor& heads) {
   const char* op = "dan_head_fusion_backward";
   dan::check_head_fusion(op, g, gate_logits, APK_CUDA_DEVICE_TYPE);
+  check_cuda_float(op, "g", g);
   dan::check_head_fusion_grads(op, grad_fused, grad_heads, heads, g);
   const c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = g.size(0), M = g.size(1), C = g.size(2);
   at::Tensor grad_g = at::empty({B, M, C}, g.options());
   at::Tensor grad_gate = at::empty({B, M, C}, g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
+  APK_DISPATCH_CUDA_FLOATS(g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream,
                head_fusion_backward_kernel<scalar_t, acc_t>)(
@@ -332,12 +339,11 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
 }
 
 }  // namespace
+}  // namespace apkernels::cuda
 
 APK_CUDA_LIBRARY_IMPL(m) {
-  m.impl(APK_CUDA_OP("dan_spatial_pool"), &dan_spatial_pool_cuda);
-  m.impl(APK_CUDA_OP("dan_spatial_pool_backward"), &dan_spatial_pool_backward_cuda);
-  m.impl(APK_CUDA_OP("dan_head_fusion"), &dan_head_fusion_cuda);
-  m.impl(APK_CUDA_OP("dan_head_fusion_backward"), &dan_head_fusion_backward_cuda);
+  m.impl(APK_CUDA_OP("dan_spatial_pool"), &apkernels::cuda::dan_spatial_pool_cuda);
+  m.impl(APK_CUDA_OP("dan_spatial_pool_backward"), &apkernels::cuda::dan_spatial_pool_backward_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion"), &apkernels::cuda::dan_head_fusion_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion_backward"), &apkernels::cuda::dan_head_fusion_backward_cuda);
 }
-
-}  // namespace apkernels

@@ -1,5 +1,6 @@
-// CUDA kernels of apkernels::patch_pool (APViT attentive patch pooling, SPEC 1.2) and of
-// apkernels::pool_backward (the backward of patch_pool and token_pool: a row scatter).
+// CUDA kernels of apkernels::patch_pool (APViT attentive patch pooling) and of
+// apkernels::pool_backward (the backward of patch_pool and token_pool: a row scatter, repeated
+// indices accumulating in ascending order).
 //
 // patch_pool: ONE launch, one block per image. The block scores the N = H*W positions of x
 // [B, C, H, W] (channel reduction in fp32), selects the top `keep` in shared memory
@@ -15,7 +16,7 @@
 
 #include "ops/common.h"
 #include "ops/pool_checks.h"
-#include "ops/cuda/pool_common.cuh"
+#include "ops/cuda/helpers.cuh"
 
 namespace apkernels::cuda {
 namespace {
@@ -29,14 +30,13 @@ constexpr int64_t kMaxPositions = int64_t(1) << 30;
 constexpr int kTileRows = 32;
 constexpr int kTileChannels = 16;
 constexpr int kTileStride = 34;
-constexpr size_t kTileBytes = size_t(kWarps) * kTileChannels * kTileStride * sizeof(float);
+constexpr size_t kTileBytes = size_t(kImageWarps) * kTileChannels * kTileStride * sizeof(float);
 
 struct PatchArgs {
   int64_t C, W, N;
   int64_t sB, sC, sH, sW;  // x strides (elements)
   int64_t pos_sN, pos_sC;  // pos strides over (position, channel)
   int keep;
-  ScoreKind kind;
   bool channels_contiguous;  // sC == 1: a position's channels are one contiguous row
   bool vec_x;                // ... and x rows can be read as 16-byte packs
   bool vec_rows;             // the row gather (x, pos, out) can move 16-byte packs
@@ -47,62 +47,69 @@ __device__ __forceinline__ int64_t spatial_offset(const PatchArgs& a, int64_t p)
   return (p / a.W) * a.sH + (p % a.W) * a.sW;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+// kKeysInSmem: the selection keys live in dynamic shared memory (through a pointer the compiler
+// knows is shared: shared loads/stores), else in the global workspace keys_global [B, N].
+template <typename T, ScoreKind kind, bool kKeysInSmem>
+__global__ void __launch_bounds__(kImageThreads)
     patch_pool_kernel(const T* __restrict__ x, const T* __restrict__ pos, const PatchArgs a, uint64_t* keys_global,
                       T* __restrict__ out, int64_t* index) {
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   __shared__ SelectShared sh;
-  __shared__ float partial[kThreads];
+  __shared__ float partial[kImageThreads];
 
   const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(a.N);
   const T* xb = x + b * a.sB;
   int64_t* idx = index + b * a.keep;
-  uint64_t* keys = keys_global != nullptr ? keys_global + b * a.N : reinterpret_cast<uint64_t*>(dyn_smem);
+  uint64_t* keys;
+  if constexpr (kKeysInSmem) {
+    keys = reinterpret_cast<uint64_t*>(dyn_smem);
+  } else {
+    keys = keys_global + b * a.N;
+  }
 
   // 1. Scores -> keys (skipped when everything is kept).
   if (a.keep < n) {
     if (a.channels_contiguous) {
       // One warp per position, lanes over its contiguous channels.
-      for (int p = warp; p < n; p += kWarps) {
+      for (int p = warp; p < n; p += kImageWarps) {
         const T* row = xb + spatial_offset(a, p);
-        float acc = score_init<float>(a.kind);
+        float acc = score_init<kind, float>();
         if (a.vec_x) {
           using P = Pack<T>;
           const int64_t packs = a.C / P::kSize;
           for (int64_t v = lane; v < packs; v += 32) {
             const P pk = reinterpret_cast<const P*>(row)[v];
 #pragma unroll
-            for (int e = 0; e < P::kSize; ++e) acc = score_step(a.kind, acc, static_cast<float>(pk.v[e]));
+            for (int e = 0; e < P::kSize; ++e) acc = score_step<kind, float>(acc, static_cast<float>(pk.v[e]));
           }
         } else {
-          for (int64_t c = lane; c < a.C; c += 32) acc = score_step(a.kind, acc, static_cast<float>(row[c]));
+          for (int64_t c = lane; c < a.C; c += 32) acc = score_step<kind, float>(acc, static_cast<float>(row[c]));
         }
-        acc = warp_merge(a.kind, acc);
+        acc = warp_score<kind>(acc);
         if (lane == 0) keys[p] = select_key64(acc, static_cast<uint32_t>(p));
       }
     } else {
       // One thread per position (consecutive threads read consecutive positions of a channel
-      // plane), `groups` threads per position splitting the channels when N < kThreads; the
+      // plane), `groups` threads per position splitting the channels when N < kImageThreads; the
       // partial scores are merged in group order (deterministic).
-      const int per_round = min(kThreads, (n + 31) / 32 * 32);
-      const int groups = kThreads / per_round;
+      const int per_round = min(kImageThreads, (n + 31) / 32 * 32);
+      const int groups = kImageThreads / per_round;
       const int g = tid / per_round, local = tid % per_round;
       for (int p0 = 0; p0 < n; p0 += per_round) {
         const int p = p0 + local;
         if (g < groups && p < n) {
           const T* col = xb + spatial_offset(a, p);
-          float acc = score_init<float>(a.kind);
+          float acc = score_init<kind, float>();
 #pragma unroll 4
-          for (int64_t c = g; c < a.C; c += groups) acc = score_step(a.kind, acc, static_cast<float>(col[c * a.sC]));
+          for (int64_t c = g; c < a.C; c += groups) acc = score_step<kind, float>(acc, static_cast<float>(col[c * a.sC]));
           partial[tid] = acc;
         }
         __syncthreads();
         if (tid < per_round && p < n) {  // g == 0, local == tid
           float s = partial[tid];
-          for (int gg = 1; gg < groups; ++gg) s = score_merge(a.kind, s, partial[gg * per_round + tid]);
+          for (int gg = 1; gg < groups; ++gg) s = score_combine<kind, float>(s, partial[gg * per_round + tid]);
           keys[p] = select_key64(s, static_cast<uint32_t>(p));
         }
         __syncthreads();
@@ -117,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
   // 3. Gather tokens[b, j, :] = x[b, :, idx[j]] (+ pos[idx[j], :]).
   T* outb = out + b * a.keep * a.C;
   if (a.channels_contiguous) {
-    for (int j = warp; j < a.keep; j += kWarps) {
+    for (int j = warp; j < a.keep; j += kImageWarps) {
       const int64_t p = idx[j];
       copy_row_warp(outb + j * a.C, xb + spatial_offset(a, p), int64_t(1), pos != nullptr ? pos + p * a.pos_sN : nullptr,
                     a.pos_sC, a.C, a.vec_rows);
@@ -130,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
   float* tile = reinterpret_cast<float*>(dyn_smem) + warp * (kTileChannels * kTileStride);
   const int64_t tiles_c = (a.C + kTileChannels - 1) / kTileChannels;
   const int64_t tiles = (a.keep + kTileRows - 1) / kTileRows * tiles_c;
-  for (int64_t t = warp; t < tiles; t += kWarps) {  // warp-uniform: shuffles below see all lanes
+  for (int64_t t = warp; t < tiles; t += kImageWarps) {  // warp-uniform: shuffles below see all lanes
     const int64_t j0 = (t / tiles_c) * kTileRows, c0 = (t % tiles_c) * kTileChannels;
     const int64_t j = j0 + lane;
     const bool row_ok = j < a.keep;
@@ -183,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
   a.pos_sN = pos.defined() ? pos.stride(0) : 0;
   a.pos_sC = pos.defined() ? pos.stride(1) : 0;
   a.keep = static_cast<int>(keep);
-  a.kind = kind;
   a.channels_contiguous = a.sC == 1 || C == 1;
   if (C == 1) a.sC = 1;
 
@@ -196,80 +202,126 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
               a.sW % pack == 0;
     a.vec_rows = a.vec_x && (pos_ptr == nullptr || (a.pos_sC == 1 && vec_aligned<scalar_t>(pos_ptr, a.pos_sN)));
 
-    auto kernel = patch_pool_kernel<scalar_t>;
-    bool keys_in_smem = true;
-    const int64_t n_keys = keep < N ? N : 0;
-    const size_t smem = plan_dynamic_smem(kernel, n_keys, a.channels_contiguous ? 0 : kTileBytes, &keys_in_smem);
-    at::Tensor workspace;
-    if (!keys_in_smem) workspace = at::empty({B, N}, x.options().dtype(at::kLong));
-    uint64_t* keys_global = keys_in_smem ? nullptr : reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
-    APK_LAUNCH(static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream(), patch_pool_kernel<scalar_t>)(
-        x_ptr, pos_ptr, a, keys_global, tokens.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_patch_score(kind, [&](auto kind_c) {
+      constexpr ScoreKind kind_v = decltype(kind_c)::value;
+      const int64_t n_keys = keep < N ? N : 0;
+      const size_t extra = a.channels_contiguous ? 0 : kTileBytes;
+      bool keys_in_smem = true;
+      size_t smem = plan_dynamic_smem(patch_pool_kernel<scalar_t, kind_v, true>, n_keys, extra, &keys_in_smem);
+      auto kernel = patch_pool_kernel<scalar_t, kind_v, true>;
+      at::Tensor workspace;
+      uint64_t* keys_global = nullptr;
+      if (!keys_in_smem) {
+        kernel = patch_pool_kernel<scalar_t, kind_v, false>;
+        bool unused;
+        smem = plan_dynamic_smem(kernel, 0, extra, &unused);
+        workspace = at::empty({B, N}, x.options().dtype(at::kLong));
+        keys_global = reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
+      }
+      APK_LAUNCH(static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream(), kernel)(
+          x_ptr, pos_ptr, a, keys_global, tokens.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {tokens, index};
 }
 
 // ---- pool_backward ---------------------------------------------------------------------------
+// grad_rows[b, n] = sum of grad[b, j] over the j with index[b, j] == n, in ascending j (repeated
+// indices accumulate, deterministically: no float atomics). Two launches: the inverse map, then one
+// thread per (row, channel pack) writing every image's row (and the batch sum in order).
 
-// inv[b, n] = the j with index[b, j] == n, or -1. One block per image; with repeated positions
-// the largest j wins (atomicMax: deterministic, and what a sequential scatter_ leaves).
-__global__ void __launch_bounds__(256) inverse_index_kernel(const int64_t* __restrict__ index, int64_t isB,
-                                                            int64_t isK, int64_t K, int64_t N, int* __restrict__ inv) {
+// inv[b, n] = the one j with index[b, j] == n, kNoSlot when there is none, kRepeatedSlot when
+// there are several (resolved by scanning the index row, see scatter_unit). One block per image.
+// Index values are in [0, N): the host checked them before the launch.
+constexpr int kNoSlot = -1;
+constexpr int kRepeatedSlot = -2;
+
+__global__ void __launch_bounds__(kThreads) inverse_index_kernel(const int64_t* __restrict__ index, int64_t isB,
+                                                                 int64_t isK, int64_t K, int64_t N,
+                                                                 int* __restrict__ inv) {
   int* invb = inv + static_cast<int64_t>(blockIdx.x) * N;
-  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) invb[r] = -1;
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) invb[r] = kNoSlot;
   __syncthreads();
   const int64_t* ib = index + static_cast<int64_t>(blockIdx.x) * isB;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     const int64_t p = ib[j * isK];
-    CUDA_KERNEL_ASSERT(p >= 0 && p < N && "pool_backward: index out of range [0, num_rows)");
-    if (p >= 0 && p < N) atomicMax(&invb[p], static_cast<int>(j));
+    // The first j to claim row p stores itself; any later one marks the row repeated. A slot never
+    // returns to kNoSlot, so a claim cannot overwrite the mark: the result is independent of timing.
+    if (atomicCAS(&invb[p], kNoSlot, static_cast<int>(j)) != kNoSlot) invb[p] = kRepeatedSlot;
   }
 }
 
-// One thread per (row n, V channels): for each image b in order, rows[b, n, c..c+V) =
-// grad[b, inv[b, n], c..) or 0; with `reduce` also sum[n, c..) = the fp32 sum over b in order
-// (deterministic: no atomics). Without `reduce`, grid.y strides over the images.
+// The gradient of row n of image b at channels c..c+V, in fp32: grad[b, j] for the slot's j, zero
+// for none, the sum over the matching j in ascending order for a repeated row.
 template <typename T, int V>
-__device__ __forceinline__ void scatter_unit(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC,
-                                             const int* __restrict__ inv, int64_t B, int64_t N, int64_t C, int64_t n,
-                                             int64_t c, bool reduce, T* __restrict__ rows, T* __restrict__ sum) {
-  float acc[V];
+__device__ __forceinline__ void row_gradient(const T* __restrict__ gb, int64_t gsK, int64_t gsC,
+                                             const int64_t* __restrict__ ib, int64_t isK, int64_t K, int slot,
+                                             int64_t n, int64_t c, float (&acc)[V]) {
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.0f;
-  const int64_t b0 = reduce ? 0 : blockIdx.y, step = reduce ? 1 : gridDim.y;
-  for (int64_t b = b0; b < B; b += step) {
-    const int j = inv[b * N + n];
-    T* dst = rows + (b * N + n) * C + c;
+  auto add = [&](int64_t j) {
     if constexpr (V == 1) {
-      const T v = j >= 0 ? grad[b * gsB + j * gsK + c * gsC] : static_cast<T>(0.0f);
-      *dst = v;
-      acc[0] += static_cast<float>(v);
+      acc[0] += static_cast<float>(gb[j * gsK + c * gsC]);
     } else {
       using P = Pack<T>;
       static_assert(V == P::kSize, "vector unit = one pack");
-      P v;
-      if (j >= 0) {
-        v = *reinterpret_cast<const P*>(grad + b * gsB + j * gsK + c);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) v.v[e] = static_cast<T>(0.0f);
-      }
-      *reinterpret_cast<P*>(dst) = v;
+      const P v = *reinterpret_cast<const P*>(gb + j * gsK + c);
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e] += static_cast<float>(v.v[e]);
+    }
+  };
+  if (slot >= 0) {
+    add(slot);
+  } else if (slot == kRepeatedSlot) {
+    for (int64_t j = 0; j < K; ++j) {
+      if (ib[j * isK] == n) add(j);
+    }
+  }
+}
+
+// One thread per (row n, V channels): for each image b in order, rows[b, n, c..c+V) = its
+// gradient; with `reduce` also sum[n, c..) = the fp32 sum of those rows over b in order
+// (deterministic: no atomics). Without `reduce`, grid.y strides over the images.
+template <typename T, int V>
+__device__ __forceinline__ void scatter_unit(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC,
+                                             const int64_t* __restrict__ index, int64_t isB, int64_t isK,
+                                             const int* __restrict__ inv, int64_t B, int64_t K, int64_t N, int64_t C,
+                                             int64_t n, int64_t c, bool reduce, T* __restrict__ rows,
+                                             T* __restrict__ sum) {
+  float total[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) total[e] = 0.0f;
+  const int64_t b0 = reduce ? 0 : blockIdx.y, step = reduce ? 1 : gridDim.y;
+  for (int64_t b = b0; b < B; b += step) {
+    float acc[V];
+    row_gradient<T, V>(grad + b * gsB, gsK, gsC, index + b * isB, isK, K, inv[b * N + n], n, c, acc);
+    T* dst = rows + (b * N + n) * C + c;
+    if constexpr (V == 1) {
+      const T v = static_cast<T>(acc[0]);
+      *dst = v;
+      total[0] += static_cast<float>(v);
+    } else {
+      using P = Pack<T>;
+      P v;
+#pragma unroll
+      for (int e = 0; e < V; ++e) v.v[e] = static_cast<T>(acc[e]);
+      *reinterpret_cast<P*>(dst) = v;
+#pragma unroll
+      for (int e = 0; e < V; ++e) total[e] += static_cast<float>(v.v[e]);
     }
   }
   if (reduce) {
 #pragma unroll
-    for (int e = 0; e < V; ++e) sum[n * C + c + e] = static_cast<T>(acc[e]);
+    for (int e = 0; e < V; ++e) sum[n * C + c + e] = static_cast<T>(total[e]);
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256)
-    scatter_rows_kernel(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC, const int* __restrict__ inv,
-                        int64_t B, int64_t N, int64_t C, bool vec, bool reduce, T* __restrict__ rows,
+__global__ void __launch_bounds__(kThreads)
+    scatter_rows_kernel(const T* __restrict__ grad, int64_t gsB, int64_t gsK, int64_t gsC,
+                        const int64_t* __restrict__ index, int64_t isB, int64_t isK, const int* __restrict__ inv,
+                        int64_t B, int64_t K, int64_t N, int64_t C, bool vec, bool reduce, T* __restrict__ rows,
                         T* __restrict__ sum) {
   constexpr int pack = Pack<T>::kSize;
   const int64_t units = vec ? C / pack : C;
@@ -277,30 +329,28 @@ __global__ void __launch_bounds__(256)
   if (e >= N * units) return;
   const int64_t n = e / units, u = e % units;
   if (vec) {
-    scatter_unit<T, pack>(grad, gsB, gsK, gsC, inv, B, N, C, n, u * pack, reduce, rows, sum);
+    scatter_unit<T, pack>(grad, gsB, gsK, gsC, index, isB, isK, inv, B, K, N, C, n, u * pack, reduce, rows, sum);
   } else {
-    scatter_unit<T, 1>(grad, gsB, gsK, gsC, inv, B, N, C, n, u, reduce, rows, sum);
+    scatter_unit<T, 1>(grad, gsB, gsK, gsC, index, isB, isK, inv, B, K, N, C, n, u, reduce, rows, sum);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tokens, const at::Tensor& index,
                                                       int64_t num_rows, bool reduce_batch) {
   check_cuda_float("pool_backward", "grad_tokens", grad_tokens);
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 3, "pool_backward: grad_tokens must be 3-D [B, K, C], got shape ",
-                    grad_tokens.sizes());
+  check_pool_backward_args(grad_tokens, index, num_rows);
   const int64_t B = grad_tokens.size(0), K = grad_tokens.size(1), C = grad_tokens.size(2);
-  TORCH_CHECK_VALUE(index.device() == grad_tokens.device(), "pool_backward: index must be on the same device as ",
-                    "grad_tokens (", grad_tokens.device(), "), got ", index.device());
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong, "pool_backward: index must be int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B && index.size(1) == K,
-                    "pool_backward: index must have shape [", B, ", ", K, "] (B, K of grad_tokens), got ",
-                    index.sizes());
-  TORCH_CHECK_VALUE(num_rows >= 0, "pool_backward: num_rows must be >= 0, got ", num_rows);
   TORCH_CHECK_VALUE(K <= INT32_MAX && B <= INT32_MAX, "pool_backward: the CUDA kernel takes at most 2^31-1 images ",
                     "and rows, got B=", B, ", K=", K);
   const int64_t N = num_rows;
 
   c10::cuda::CUDAGuard device_guard(grad_tokens.device());
+  if (index.numel() > 0) {
+    // Checked on the host before any launch (one reduction and a sync), so a bad index raises a
+    // RuntimeError like on the CPU instead of a device assert that poisons the context.
+    const auto [lowest, highest] = at::aminmax(index);
+    check_pool_backward_index_range(lowest.item<int64_t>(), highest.item<int64_t>(), N);
+  }
   const auto options = grad_tokens.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor rows = at::empty({B, N, C}, options);
   at::Tensor sum = reduce_batch ? at::empty({N, C}, options) : at::empty({0}, options);
@@ -310,8 +360,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
   }
   at::Tensor inv = at::empty({B, N}, grad_tokens.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  APK_LAUNCH(static_cast<unsigned>(B), 256, 0, stream, inverse_index_kernel)(index.const_data_ptr<int64_t>(), index.stride(0),
-                                                                      index.stride(1), K, N, inv.mutable_data_ptr<int>());
+  const int64_t* index_ptr = index.const_data_ptr<int64_t>();
+  APK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, inverse_index_kernel)(index_ptr, index.stride(0),
+                                                                           index.stride(1), K, N, inv.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   APK_DISPATCH_CUDA_FLOATS(grad_tokens.scalar_type(), "pool_backward_cuda", [&] {
@@ -320,13 +371,13 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
     constexpr int64_t pack = Pack<scalar_t>::kSize;
     const bool vec = C % pack == 0 && gsC == 1 && vec_aligned<scalar_t>(g, gsB) && gsK % pack == 0;
     const int64_t units = N * (vec ? C / pack : C);
-    const int threads = 256;
+    const int threads = kThreads;
     const int64_t blocks = (units + threads - 1) / threads;
     TORCH_CHECK(blocks <= INT32_MAX, "pool_backward: num_rows * C too large for one launch: ", units);
     const dim3 grid(static_cast<unsigned>(blocks), reduce_batch ? 1u : static_cast<unsigned>(std::min<int64_t>(B, 65535)));
     APK_LAUNCH(grid, threads, 0, stream, scatter_rows_kernel<scalar_t>)(
-        g, gsB, gsK, gsC, inv.const_data_ptr<int>(), B, N, C, vec, reduce_batch, rows.mutable_data_ptr<scalar_t>(),
-        reduce_batch ? sum.mutable_data_ptr<scalar_t>() : nullptr);
+        g, gsB, gsK, gsC, index_ptr, index.stride(0), index.stride(1), inv.const_data_ptr<int>(), B, K, N, C, vec,
+        reduce_batch, rows.mutable_data_ptr<scalar_t>(), reduce_batch ? sum.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {rows, sum};

@@ -1,4 +1,4 @@
-// CUDA kernel of apkernels::token_pool (APViT attentive token pooling, SPEC 1.3 step 2).
+// CUDA kernel of apkernels::token_pool (APViT attentive token pooling).
 //
 // ONE launch, one block per image: a warp per patch token j = 1..N-1 computes the CLS-row logits
 // q[b, h, 0] . k[b, h, j] * scale per head (fp32) and reduces them over heads by `score`; the
@@ -15,7 +15,7 @@
 
 #include "ops/common.h"
 #include "ops/pool_checks.h"
-#include "ops/cuda/pool_common.cuh"
+#include "ops/cuda/helpers.cuh"
 
 namespace apkernels::cuda {
 namespace {
@@ -30,13 +30,14 @@ struct TokenArgs {
   int64_t ksB, ksH, ksN, ksD;
   int keep;
   float scale;
-  ScoreKind kind;
   bool vec_qk;    // q, k head rows can be read as 16-byte packs
   bool vec_rows;  // x rows (and the output) can move 16-byte packs
 };
 
-template <typename T, typename QK>
-__global__ void __launch_bounds__(kThreads)
+// kKeysInSmem: the selection keys live in dynamic shared memory (shared loads/stores), else in the
+// global workspace keys_global [B, N-1].
+template <typename T, typename QK, ScoreKind kind, bool kKeysInSmem>
+__global__ void __launch_bounds__(kImageThreads)
     token_pool_kernel(const T* __restrict__ x, const QK* __restrict__ q, const QK* __restrict__ k, const TokenArgs a,
                       uint64_t* keys_global, T* __restrict__ out, int64_t* index) {
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -46,15 +47,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(a.N - 1);  // candidates: tokens 1..N-1, key slot i = token i+1
   int64_t* idx = index + b * (a.keep + 1);
-  uint64_t* keys = keys_global != nullptr ? keys_global + b * n : reinterpret_cast<uint64_t*>(dyn_smem);
+  uint64_t* keys;
+  if constexpr (kKeysInSmem) {
+    keys = reinterpret_cast<uint64_t*>(dyn_smem);
+  } else {
+    keys = keys_global + b * n;
+  }
 
   // 1. Scores -> keys (skipped when every patch token is kept).
   if (a.keep < n) {
     const QK* qb = q + b * a.qsB;
-    for (int i = warp; i < n; i += kWarps) {
+    for (int i = warp; i < n; i += kImageWarps) {
       const int64_t j = i + 1;
       const QK* kj = k + b * a.ksB + j * a.ksN;
-      float s = score_init<float>(a.kind);
+      float s = score_init<kind, float>();
       // Unrolled so that the loads of several heads are in flight before their shuffles.
 #pragma unroll 4
       for (int64_t h = 0; h < a.heads; ++h) {
@@ -74,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int64_t d = lane; d < a.D; d += 32) acc += static_cast<float>(qh[d * a.qsD]) * static_cast<float>(kh[d * a.ksD]);
         }
         // The logit of head h (identical on every lane), then the reduction over heads in order.
-        s = score_step(a.kind, s, warp_sum(acc) * a.scale);
+        s = score_step<kind, float>(s, warp_sum(acc) * a.scale);
       }
       if (lane == 0) keys[i] = select_key64(s, static_cast<uint32_t>(j));
     }
@@ -88,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   // 3. Gather tokens[b, r, :] = x[b, idx[r], :], r = 0..keep.
   const T* xb = x + b * a.xsB;
   T* outb = out + b * (a.keep + 1) * a.C;
-  for (int r = warp; r <= a.keep; r += kWarps) {
+  for (int r = warp; r <= a.keep; r += kImageWarps) {
     copy_row_warp(outb + r * a.C, xb + idx[r] * a.xsN, a.xsC, static_cast<const T*>(nullptr), int64_t(0), a.C,
                   a.vec_rows);
   }
@@ -131,7 +137,6 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
   a.ksD = a.D == 1 ? 1 : k.stride(3);
   a.keep = static_cast<int>(keep);
   a.scale = static_cast<float>(scale);
-  a.kind = kind;
 
   APK_DISPATCH_CUDA_FLOATS(x.scalar_type(), "token_pool_cuda", [&] {
     using x_t = scalar_t;
@@ -146,16 +151,25 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
       a.vec_qk = a.qsD == 1 && a.ksD == 1 && a.D % qpack == 0 && vec_aligned<qk_t>(q_ptr, a.qsB) &&
                  a.qsH % qpack == 0 && vec_aligned<qk_t>(k_ptr, a.ksB) && a.ksH % qpack == 0 && a.ksN % qpack == 0;
 
-      auto kernel = token_pool_kernel<x_t, qk_t>;
-      bool keys_in_smem = true;
-      const int64_t n_keys = keep < N - 1 ? N - 1 : 0;
-      const size_t smem = plan_dynamic_smem(kernel, n_keys, 0, &keys_in_smem);
-      at::Tensor workspace;
-      if (!keys_in_smem) workspace = at::empty({B, N - 1}, x.options().dtype(at::kLong));
-      uint64_t* keys_global = keys_in_smem ? nullptr : reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
-      APK_LAUNCH(static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream(), token_pool_kernel<x_t, qk_t>)(
-          x_ptr, q_ptr, k_ptr, a, keys_global, tokens.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_token_score(kind, [&](auto kind_c) {
+        constexpr ScoreKind kind_v = decltype(kind_c)::value;
+        const int64_t n_keys = keep < N - 1 ? N - 1 : 0;
+        bool keys_in_smem = true;
+        size_t smem = plan_dynamic_smem(token_pool_kernel<x_t, qk_t, kind_v, true>, n_keys, 0, &keys_in_smem);
+        auto kernel = token_pool_kernel<x_t, qk_t, kind_v, true>;
+        at::Tensor workspace;
+        uint64_t* keys_global = nullptr;
+        if (!keys_in_smem) {
+          kernel = token_pool_kernel<x_t, qk_t, kind_v, false>;
+          bool unused;
+          smem = plan_dynamic_smem(kernel, 0, 0, &unused);
+          workspace = at::empty({B, N - 1}, x.options().dtype(at::kLong));
+          keys_global = reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
+        }
+        APK_LAUNCH(static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream(), kernel)(
+            x_ptr, q_ptr, k_ptr, a, keys_global, tokens.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {tokens, index};

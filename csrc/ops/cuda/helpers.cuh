@@ -1,11 +1,12 @@
-// Device helpers shared by the CUDA pooling kernels (patch_pool, token_pool, pool_backward):
-// the block-wide top-k selection (radix select on 64-bit keys + order-preserving compaction),
-// 16-byte vector packs, warp reductions, row gathers, and the host-side launch helpers.
-// See docs/cuda-kernels.md for the design.
+// The helpers of every CUDA kernel (pooling and DAN): the thread-count policy, the dtype policy,
+// 16-byte vector packs, warp reductions, the block-wide top-k selection of the pooling kernels
+// (radix select on 64-bit keys + order-preserving compaction), row gathers, and the host-side
+// launch helpers. See docs/cuda-kernels.md for the design.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
@@ -18,10 +19,15 @@
 
 namespace apkernels::cuda {
 
-// One block per image; 512 threads = 16 warps. Every forward kernel uses this size: the
-// selection's per-warp counters and the transpose tiles below are sized from it.
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
+// Thread-count policy. Every kernel launches blocks of kThreads = 256 threads (8 warps), except the
+// one-block-per-image kernels that select the top k of an image (patch_pool, token_pool): they use
+// kImageThreads = 512 (16 warps), which the selection's per-warp counters and the transpose tiles
+// are sized from. Grid-stride loops launch elementwise_blocks(n) blocks.
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 256;
+constexpr int kImageThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kImageWarps = kImageThreads / kWarpSize;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr int kVecBytes = 16;
 
@@ -42,38 +48,49 @@ inline bool vec_aligned(const void* ptr, int64_t stride) {
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 __device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
 
-// Merge two partial scores of the same kind: partial sums add, partial maxima take the
-// NaN-propagating max (partials of sum_abs / sum_sq / max_abs are already non-negative).
-__device__ __forceinline__ float score_merge(ScoreKind kind, float a, float b) {
-  if (kind == ScoreKind::Max || kind == ScoreKind::MaxAbs) return (b > a || b != b) ? b : a;
-  return a + b;
+// Coordinates of a flat element index without a 64-bit division per element: with index_t =
+// uint32_t a division by a launch-invariant divisor is a multiply-high and a shift (IntDivider's
+// magic numbers); dispatch_index_type picks it whenever the indices (and a grid-stride step) stay
+// below 2^31, else int64_t (plain division).
+template <typename index_t>
+using Divider = at::cuda::detail::IntDivider<index_t>;
+
+template <typename F>
+inline void dispatch_index_type(int64_t n, F&& f) {
+  if (n < (int64_t(1) << 31)) {
+    f(uint32_t{0});
+  } else {
+    f(int64_t{0});
+  }
 }
 
-// Butterfly reductions: every lane ends with the same bits (each step combines the same two
-// values on both partner lanes, and the merge is commutative).
-__device__ __forceinline__ float warp_merge(ScoreKind kind, float v) {
+// Butterfly reductions over a warp: every lane ends with the same bits (each step combines the same
+// two values on both partner lanes, and the combination is commutative).
+template <ScoreKind kind>
+__device__ __forceinline__ float warp_score(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = score_merge(kind, v, __shfl_xor_sync(kFullMask, v, o));
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) v = score_combine<kind, float>(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
 
 // Shared state of select_topk_block (static shared memory, ~1.1 KB).
 struct SelectShared {
   unsigned hist[256];
-  int warp_counts[kWarps];
+  int warp_counts[kImageWarps];
   int digit;
   int above;
   int count;
 };
 
 // Block-wide top-k of n unique 64-bit keys (select_key64: score, then lower position first),
-// all threads of the block must call it. Writes the array indices i of the `keep` largest keys,
+// all kImageThreads threads of the block must call it. Writes the array indices i of the `keep` largest keys,
 // ascending, as out[r] = i + offset (r = 0..keep-1). keep == n keeps everything without reading
 // keys. Requires 1 <= keep <= n < 2^31. Ends with __syncthreads(): out is then visible to the
 // whole block and `keys` may be reused.
@@ -90,11 +107,11 @@ __device__ __forceinline__ void select_topk_block(const uint64_t* keys, int n, i
   int k_rem = keep;  // how many keys among those matching `prefix` are still to be selected
   if (!keep_all) {
     for (int shift = 56; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += kThreads) sh.hist[i] = 0u;
+      for (int i = tid; i < 256; i += kImageThreads) sh.hist[i] = 0u;
       __syncthreads();
-      // Warp-uniform loop (base steps by kThreads for the whole warp) so that __match_any_sync
+      // Warp-uniform loop (base steps by kImageThreads for the whole warp) so that __match_any_sync
       // sees all 32 lanes; lanes with the same digit add once (fewer shared atomics on skewed bins).
-      for (int base = tid - lane; base < n; base += kThreads) {
+      for (int base = tid - lane; base < n; base += kImageThreads) {
         const int i = base + lane;
         int digit = 256;  // "no key"
         if (i < n) {
@@ -144,7 +161,7 @@ __device__ __forceinline__ void select_topk_block(const uint64_t* keys, int n, i
   }
   // Order-preserving compaction, blockDim positions per step: ballot + per-warp counts.
   int64_t written = 0;
-  for (int base = 0; base < n; base += kThreads) {
+  for (int base = 0; base < n; base += kImageThreads) {
     const int i = base + tid;
     const bool sel = i < n && (keep_all || (keys[i] & mask) >= prefix);
     const unsigned ballot = __ballot_sync(kFullMask, sel);
@@ -152,7 +169,7 @@ __device__ __forceinline__ void select_topk_block(const uint64_t* keys, int n, i
     __syncthreads();
     int before = 0, total = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kImageWarps; ++w) {
       const int c = sh.warp_counts[w];
       before += (w < warp) ? c : 0;
       total += c;
@@ -214,6 +231,15 @@ inline size_t plan_dynamic_smem(Kernel kernel, int64_t n_keys, size_t extra, boo
   return bytes;
 }
 
+// Blocks of kThreads for a grid-stride loop over n elements: enough to fill the GPU, no more.
+inline int64_t elementwise_blocks(int64_t n) {
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  return std::max<int64_t>(1, std::min(wanted, cap));
+}
+
+// dtype policy: the CUDA kernels take float32, float16 and bfloat16 (accumulating in fp32); float64
+// is rejected with an error naming the argument (it runs on the cpu and reference backends).
 inline bool is_cuda_float(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
@@ -229,7 +255,7 @@ inline void check_cuda_float(const char* op, const char* name, const at::Tensor&
 
 }  // namespace apkernels::cuda
 
-// AT_DISPATCH over the dtypes the CUDA pooling kernels take (no float64: fewer instantiations).
+// AT_DISPATCH over the dtypes the CUDA kernels take (the dtype policy above).
 #define APK_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                 \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \

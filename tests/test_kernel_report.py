@@ -1,0 +1,84 @@
+"""benchmarks.kernel_report: the occupancy model, the ptxas parsing, the recorded Triton launches and
+one Triton kernel compiled for sm_90 (no GPU needed)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import kernel_report as report
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 3136 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90'
+ptxas info    : Function properties for _Z5otherv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers, 368 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas():
+    parsed = report.parse_ptxas(PTXAS_LOG)
+    assert parsed["_Z6kernelPf"] == report.Resources(registers=96, spill_bytes=20, stack_bytes=16,
+                                                     static_shared_bytes=3136)
+    assert parsed["_Z5otherv"] == report.Resources(registers=32, spill_bytes=0, stack_bytes=0, static_shared_bytes=0)
+
+
+@pytest.mark.parametrize(
+    "registers,shared,threads,ctas,limiter",
+    [
+        (40, 36 * 1024, 512, 3, "registers"),  # 1280 regs/warp -> 51 warps -> 3 CTAs of 16 warps
+        (104, 1200, 512, 1, "registers"),  # 3328 -> 19 warps -> 1 CTA
+        (32, 0, 256, 8, "registers"),  # 64 warps -> 8 CTAs; threads allow 8 too
+        (16, 0, 32, 32, "CTA slots"),
+        (32, 100 * 1024, 128, 2, "shared memory"),  # (100 KB + 1 KB reserved) twice in 228 KB
+    ],
+)
+def test_occupancy_sm90(registers, shared, threads, ctas, limiter):
+    occ = report.occupancy(registers, shared, threads)
+    assert (occ.ctas_per_sm, occ.limiter) == (ctas, limiter)
+    assert occ.warps_per_sm == ctas * threads // 32
+
+
+def test_cuda_plans_name_one_launch_per_forward_kernel():
+    shapes = report.op_shapes("patch_pool", 256)
+    fwd = report.cuda_plan("patch_pool", "fwd", "fp32", shapes)
+    both = report.cuda_plan("patch_pool", "fwd+bwd", "fp32", shapes)
+    assert len(fwd) == 1 and fwd[0].grid == (256,) and fwd[0].threads == 512
+    assert len(both) == 3 and both[2].grid == (147,)  # 196 rows x 768 channels / 4 per pack / 256
+
+
+def test_minimal_bytes_of_patch_pool():
+    # fp32, B = 256: x [256, 768, 14, 14] + pos [196, 768] read, tokens [256, 160, 768] + index written.
+    x, pos, tokens, index = 256 * 768 * 196 * 4, 196 * 768 * 4, 256 * 160 * 768 * 4, 256 * 160 * 8
+    assert report.minimal_bytes("patch_pool", "fwd", "fp32", 256) == x + pos + tokens + index
+
+
+def _in_subprocess(code: str):
+    """Runs `code` without the Triton interpreter (the report compiles, it does not interpret)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_triton_launches_are_recorded_and_compile_for_sm90():
+    out = _in_subprocess(
+        "from benchmarks import kernel_report as r\n"
+        "launches = r.triton_launches('dan_head_fusion', 'fwd+bwd', 'bf16', 256)\n"
+        "print([(fn.__name__, tuple(grid)) for fn, grid, _, _ in launches])\n"
+        "res, shared, warps = r.triton_compile(*launches[0][0:1], launches[0][2], launches[0][3], {})\n"
+        "print(res.registers, res.spill_bytes, warps)\n"
+    )
+    names, resources = out.strip().splitlines()
+    assert "_dan_head_fusion_kernel" in names and "_dan_head_fusion_backward_kernel" in names
+    registers, spills, warps = map(int, resources.split())
+    assert 0 < registers <= 255 and spills >= 0 and warps >= 1
