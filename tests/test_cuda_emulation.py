@@ -150,8 +150,8 @@ def test_clean_kernels_report_nothing():
 
 def test_removed_syncthreads_is_a_race():
     # The barrier between clearing the selection histogram and the atomics that fill it.
-    line = source_line("pool_common.cuh", "sh.hist[i] = 0u;", after=1)
-    emu.set_mutation("skip_syncthreads", "pool_common.cuh", line)
+    line = source_line("helpers.cuh", "sh.hist[i] = 0u;", after=1)
+    emu.set_mutation("skip_syncthreads", "helpers.cuh", line)
     with pytest.raises(RuntimeError, match="shared-memory data race in " + ERROR_NAMES + r".* at address 0x"):
         run_patch_pool()
     assert emu.mutation_hits() > 0
@@ -159,17 +159,17 @@ def test_removed_syncthreads_is_a_race():
 
 def test_syncthreads_skipped_by_some_warps_is_reported():
     # The selection's last barrier: the odd warps run on to the end of the kernel without it.
-    line = source_line("pool_common.cuh", "warp_counts is rewritten next step")
-    emu.set_mutation("divergent_syncthreads", "pool_common.cuh", line)
-    with pytest.raises(RuntimeError, match="__syncthreads at pool_common.cuh:%d is not reached by every thread" % line):
+    line = source_line("helpers.cuh", "warp_counts is rewritten next step")
+    emu.set_mutation("divergent_syncthreads", "helpers.cuh", line)
+    with pytest.raises(RuntimeError, match="__syncthreads at helpers.cuh:%d is not reached by every thread" % line):
         run_patch_pool()
 
 
 def test_wrong_shuffle_mask_is_reported():
-    line = source_line("pool_common.cuh", "v = score_merge(kind, v, __shfl_xor_sync(")
-    emu.set_mutation("drop_mask_lane", "pool_common.cuh", line)
+    line = source_line("helpers.cuh", "v = score_combine<kind, float>(v, __shfl_xor_sync(")
+    emu.set_mutation("drop_mask_lane", "helpers.cuh", line)
     # Lane 31 calls with a mask without itself, or its partners read it: whichever runs first.
-    with pytest.raises(RuntimeError, match=r"__shfl_xor_sync at pool_common.cuh:\d+ in " + ERROR_NAMES +
+    with pytest.raises(RuntimeError, match=r"__shfl_xor_sync at helpers.cuh:\d+ in " + ERROR_NAMES +
                        r"(: the mask 0x7fffffff does not include the calling lane 31| reads lane 31, which is not "
                        r"in the mask 0x7fffffff)"):
         run_patch_pool(channels_last=True)  # a warp per position: the warp_merge reduction
