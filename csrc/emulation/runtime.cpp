@@ -2,7 +2,9 @@
 // collectives, the __tsan_* entry points that check every load and store of the emulated kernels,
 // the allocation tracker that tells the launch which global memory it may touch, traffic counters,
 // and the Python module apkernels._C_emulated. This file is compiled WITHOUT -fsanitize=thread.
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
 #include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -10,7 +12,10 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -144,6 +149,55 @@ std::pair<uintptr_t, uintptr_t> tls_block() {
   return {arg.lo, arg.lo + mi.tls_size};
 }
 
+// The kernel's name for messages and counters, from the module's symbol table (kernels live in
+// anonymous namespaces: local symbols that dladdr does not see): "patch_pool_kernel<float, ...>".
+std::string kernel_name(const void* fn, const char* fallback) {
+  static std::mutex mutex;
+  static std::map<uintptr_t, std::string>* symbols = nullptr;
+  std::lock_guard<std::mutex> lock(mutex);
+  const ModuleInfo& mi = module_info();
+  if (symbols == nullptr) {
+    symbols = new std::map<uintptr_t, std::string>();
+    std::ifstream in(mi.path, std::ios::binary);
+    const std::vector<char> elf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (elf.size() >= sizeof(Elf64_Ehdr) && std::memcmp(elf.data(), ELFMAG, SELFMAG) == 0) {
+      const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(elf.data());
+      const auto* sh = reinterpret_cast<const Elf64_Shdr*>(elf.data() + eh->e_shoff);
+      for (int i = 0; i < eh->e_shnum; ++i) {
+        if (sh[i].sh_type != SHT_SYMTAB) continue;
+        const char* strtab = elf.data() + sh[sh[i].sh_link].sh_offset;
+        const auto* sym = reinterpret_cast<const Elf64_Sym*>(elf.data() + sh[i].sh_offset);
+        for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
+          if (ELF64_ST_TYPE(sym[k].st_info) == STT_FUNC && sym[k].st_value != 0) {
+            (*symbols)[sym[k].st_value] = strtab + sym[k].st_name;
+          }
+        }
+      }
+    }
+  }
+  auto it = symbols->find(reinterpret_cast<uintptr_t>(fn) - mi.base);
+  if (it == symbols->end()) return fallback;
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(it->second.c_str(), nullptr, nullptr, &status);
+  std::string name = status == 0 && demangled ? demangled : it->second;
+  std::free(demangled);
+  // Drop the parameter list (the last balanced parentheses) and the namespaces.
+  if (!name.empty() && name.back() == ')') {
+    int depth = 0;
+    for (size_t i = name.size(); i-- > 0;) {
+      depth += name[i] == ')' ? 1 : name[i] == '(' ? -1 : 0;
+      if (depth == 0) {
+        name.resize(i);
+        break;
+      }
+    }
+  }
+  const size_t angle = name.find('<');
+  const size_t colons = name.rfind("::", angle);
+  if (colons != std::string::npos) name = name.substr(colons + 2);
+  return name;
+}
+
 struct DynamicShared {
   uintptr_t offset;  // from the start of the TLS block
   size_t bytes;
@@ -232,6 +286,7 @@ uint32_t g_block_serial = 0;
 
 struct Launch {
   LaunchConfig config;
+  std::string name;
   void (*body)(void*) = nullptr;
   void* closure = nullptr;
   std::vector<Region> regions;
@@ -778,6 +833,9 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
 
   auto L = std::make_unique<Launch>();
   L->config = config;
+  // The Launcher's closure starts with the kernel's address (cuda_emulation.h, Launcher::Closure).
+  L->name = kernel_name(*static_cast<void* const*>(closure), config.kernel);
+  L->config.kernel = L->name.c_str();
   L->body = body;
   L->closure = closure;
   L->threads = static_cast<int>(threads);
@@ -830,7 +888,7 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
   t_fiber = nullptr;
 
   LaunchRecord rec;
-  rec.kernel = config.kernel;
+  rec.kernel = L->name;
   rec.site = site(config.file, config.line);
   rec.grid = g;
   rec.block = b;
