@@ -108,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
   TORCH_CHECK_VALUE(k.device() == x.device(), "token_pool: k must be on the same device as x (", x.device(), "), got ",
                     k.device());
   check_cuda_float("token_pool", "q", q);
-  check_cuda_float("token_pool", "k", k);
-  check_token_pool_shapes(x, q, k, keep, scale);
+  check_token_pool_shapes(x, q, k, keep, scale);  // before k's dtype: "k must have the same dtype as q"
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   TORCH_CHECK_VALUE(N <= kMaxTokens, "token_pool: the CUDA kernel takes at most 2^30 tokens, got N=", N);
   TORCH_CHECK_VALUE(B <= INT32_MAX, "token_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
