@@ -170,7 +170,7 @@ def emulation_extension():
     os.makedirs(out, exist_ok=True)
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     includes = [os.path.join(ROOT, "csrc")] + include_paths() + [sysconfig.get_paths()["include"]]
-    coverage = ["--coverage"] if os.environ.get("APKERNELS_EMULATION_COVERAGE") == "1" else []
+    coverage = ["--coverage", "-fprofile-update=atomic"] if os.environ.get("APKERNELS_EMULATION_COVERAGE") == "1" else []
     runtime_src = os.path.join(ROOT, "csrc", "emulation", "runtime.cpp")
     runtime_obj = os.path.join(out, "runtime.o")
     deps = [runtime_src, os.path.join(ROOT, "csrc", "emulation", "cuda_emulation.h")]
