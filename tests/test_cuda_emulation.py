@@ -126,6 +126,20 @@ def test_patch_pool_keys_in_global_memory(channels_last):
     torch.testing.assert_close(tokens, ref_tokens)
 
 
+def test_patch_pool_vector_loads_and_opt_in_shared_memory():
+    """channels_last x with C a multiple of the 16-byte pack: x rows and pos rows move as packs; 6400
+    positions: 51200 bytes of keys, above the 48 KB default (cudaFuncSetAttribute opt-in)."""
+    for H, W, keep in ((5, 7, 9), (80, 80, 5)):
+        x, _, pos = small_patch_case(True, C=8, H=H, W=W, keep=keep)
+        x = x[:1]
+        _emulation.reset_counters()
+        tokens, index = apkernels.patch_pool(x, keep, pos, backend="cuda")
+        assert _emulation.counters()[0]["dynamic_shared_bytes"] == (H * W * 8 if H * W > 1000 else 280)
+        ref_tokens, ref_index = reference.patch_pool(x, keep, pos, "sum_abs")
+        assert torch.equal(index, ref_index)
+        torch.testing.assert_close(tokens, ref_tokens)
+
+
 def test_token_pool_keys_in_global_memory():
     x = torch.randn(2, 40, 8)
     qkv = torch.randn(2, 40, 3, 2, 4).permute(2, 0, 3, 1, 4)

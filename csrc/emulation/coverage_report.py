@@ -41,9 +41,8 @@ def kernels_by_line():
         for i, line in enumerate(lines):
             if "__global__" not in line:
                 continue
-            head = " ".join(lines[i:i + 4])
-            m = re.search(r"(\w+)\s*\(", head.split("__global__", 1)[1].replace("__launch_bounds__(", "lb("))
-            name = m.group(1) if m and m.group(1) != "lb" else re.findall(r"(\w+)\s*\(", head)[-1]
+            head = re.sub(r"__launch_bounds__\([^)]*\)", " ", " ".join(lines[i:i + 4]))
+            name = re.search(r"void\s+(\w+)\s*\(", head).group(1)
             depth, start, end = 0, None, None
             for j in range(i, len(lines)):
                 for ch in lines[j]:
