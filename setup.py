@@ -1,7 +1,9 @@
 """Build apkernels and its compiled extension ``apkernels._C``.
 
-The extension is compiled against the torch that is *installed in the current environment*, so
-build without isolation: ``pip install --no-build-isolation .`` (or ``-e .``).
+The extension is compiled against the torch installed in the environment being installed into:
+``pip install .`` (build isolation on; see build_backend/apkernels_backend.py), ``pip install
+--no-build-isolation .`` and ``pip install -e .`` all do. Without torch there, the build installs
+one and the wheel requires exactly that torch version.
 
 Switches (environment variables, flash-attention style):
   APKERNELS_CUDA=1 / 0   force / skip the CUDA kernels (default: build them when the installed
@@ -16,20 +18,41 @@ import os
 import re
 import shutil
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-try:
-    import torch
-except ImportError:  # pip's isolated build env: torch is deliberately not a build requirement
-    sys.exit(
-        "apkernels: cannot import torch in the build environment.\n"
-        "apkernels compiles against the torch you have installed; build it without isolation:\n"
-        "    pip install --no-build-isolation .        (or: pip install --no-build-isolation -e .)\n"
-        "after installing torch (pip install -r requirements.txt)."
-    )
+
+def import_torch():
+    """The torch to compile against: the one importable here, else the target environment's.
+
+    Under pip's build isolation this process runs with the target environment's interpreter but its
+    site-packages hidden; build_backend/apkernels_backend.py finds the target's torch (it then adds
+    no torch to the build requirements), and compiling against it keeps _C matched to the torch
+    it will run with.
+    """
+    try:
+        import torch
+    except ImportError:
+        sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+        from apkernels_backend import target_torch_site_dir
+
+        site_dir = target_torch_site_dir()
+        if site_dir is None:
+            sys.exit(
+                "apkernels: torch is neither in the build environment nor in the target environment; "
+                "install torch first (pip install -r requirements.txt), or build with `pip install .`, "
+                "which installs it"
+            )
+        # Appended: the build environment's setuptools and wheel keep precedence.
+        sys.path.append(site_dir)
+        import torch
+    return torch
+
+
+torch = import_torch()
 
 
 def _is_toolkit_root(path):
@@ -119,6 +142,8 @@ def openmp_flags():
 
 def extension():
     cpp_sources = sorted(f for f in glob.glob("csrc/**/*.cpp", recursive=True) if not f.startswith("csrc/emulation"))
+    # Headers too, so that editing one relinks _C (ninja then recompiles only what includes it).
+    headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     openmp = openmp_flags()
     cxx_flags = ["-O3", "-std=c++20", *openmp]
     define_macros = []
@@ -136,6 +161,7 @@ def extension():
                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=extra_link_args,
+            depends=headers,
         )
     return CppExtension(
         "apkernels._C",
@@ -144,6 +170,7 @@ def extension():
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link_args,
+        depends=headers,
     )
 
 
@@ -206,25 +233,38 @@ def emulation_extension():
 EMULATION_EXTENSION = emulation_extension()
 
 
-def write_build_config(directory):
-    """Record what _C was built with, next to it; `python -m apkernels` reports it and warns on a
-    torch mismatch."""
-    config = {
+def build_config():
+    """What _C is built with; `import apkernels` compares it with the running torch."""
+    return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda if WITH_CUDA else None,
         "cuda_home": CUDA_HOME if WITH_CUDA else None,
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU") if WITH_CUDA else None,
+        # "0" records a deliberate CPU-only build, so the build check does not demand CUDA kernels.
+        "APKERNELS_CUDA": os.environ.get("APKERNELS_CUDA", "").strip() or "auto",
     }
-    with open(os.path.join(directory, "_build_config.json"), "w") as fh:
-        json.dump(config, fh, indent=1)
 
 
-class BuildExtensionWithConfig(BuildExtension.with_options(use_ninja=True)):
-    """build_ext that writes _build_config.json beside the built _C (only a build writes it)."""
+class BuildExtensionKeepObjects(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with a persistent object directory, and the build record next to _C.
+
+    pip's editable and wheel builds point build_temp at a fresh temporary folder, so every
+    `pip install` recompiled everything; build/temp.<platform>-<python>-torch<version>-<cpu|cuda>
+    keeps ninja's objects between builds, so only changed sources recompile.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        flavour = "cuda" if WITH_CUDA else "cpu"
+        tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}-torch{torch.__version__}-{flavour}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
 
     def run(self):
         super().run()
-        write_build_config(os.path.dirname(self.get_ext_fullpath("apkernels._C")))
+        # Written by the build only, beside the built _C (the source tree for in-place and
+        # editable builds, the wheel's folder otherwise).
+        with open(os.path.join(os.path.dirname(self.get_ext_fullpath("apkernels._C")), "_build_config.json"), "w") as fh:
+            json.dump(build_config(), fh, indent=1)
 
 
 def read_version():
@@ -233,15 +273,30 @@ def read_version():
         return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
 
 
+# What apkernels.models and apkernels.benchmarks import besides torch.
+MODEL_REQUIREMENTS = ["torchvision", "numpy", "tqdm", "pillow", "matplotlib"]
+BUNDLED_PACKAGES = {"apkernels.models": "models", "apkernels.benchmarks": "benchmarks"}
+# The installed commands; each takes the options of its `python -m` form.
+COMMANDS = [
+    "apkernels-train = apkernels.models.train:command",
+    "apkernels-evaluate = apkernels.models.evaluate:command",
+    "apkernels-predict = apkernels.models.predict:command",
+    "apkernels-bench = apkernels.benchmarks.__main__:command",
+]
+
 setup(
     name="apkernels",
     version=read_version(),
     description="Fused attentive pooling (APViT) and multi-head cross attention (DAN) kernels for PyTorch",
-    packages=find_packages(include=["apkernels", "apkernels.*"]),
-    package_data={"apkernels": ["_build_config.json"]},
+    # models/ and benchmarks/ stay where they are (`python -m models.train` from the source tree) and
+    # install as apkernels.models / apkernels.benchmarks: no generic top-level `models` package.
+    packages=find_packages(include=["apkernels", "apkernels.*"]) + list(BUNDLED_PACKAGES),
+    package_dir=BUNDLED_PACKAGES,
+    entry_points={"console_scripts": COMMANDS},
     ext_modules=[extension()] + ([EMULATION_EXTENSION] if EMULATION_EXTENSION else []),
-    cmdclass={"build_ext": BuildExtensionWithConfig},
+    cmdclass={"build_ext": BuildExtensionKeepObjects},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    # The torch _C is compiled against (without a local label such as +cu130), as torchvision pins.
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", *MODEL_REQUIREMENTS],
     zip_safe=False,
 )

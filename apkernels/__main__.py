@@ -3,6 +3,7 @@ checked against the reference (max error, kept indices) and timed with the bench
 timers (`python -m benchmarks` is the full benchmark)."""
 import argparse
 import platform
+import sys
 
 import torch
 
@@ -68,7 +69,25 @@ def max_error(out, ref) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--check-build",
+        action="store_true",
+        help="only check the build: exit 1 unless _C loaded with every CPU kernel (and every CUDA "
+        "kernel where torch is a CUDA build and nvcc is on PATH)",
+    )
     args = parser.parse_args(argv)
+    if args.check_build:
+        problems = _extension.build_problems()
+        for problem in problems:
+            print(f"apkernels build check FAILED: {problem}", file=sys.stderr)
+        if problems:
+            raise SystemExit(1)
+        print(
+            f"apkernels build check: _C loaded; CPU kernels {len(_extension.NATIVE['CPU'])}, "
+            f"CUDA kernels {len(_extension.NATIVE['CUDA'])} (expected: "
+            f"{'yes' if _extension.cuda_kernels_expected() else 'no'})"
+        )
+        return
     print("\n".join(environment_report()))
     try:
         from benchmarks import timing

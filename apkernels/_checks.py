@@ -1,7 +1,8 @@
 """Argument checks of the ops, once per call: the public functions (`apkernels.<op>`) and the fake
 kernels validate with these, the Triton launchers and the reference fallbacks of the backward ops
-too. Errors are ValueErrors that name the argument and say what was expected; the text up to
-", got" is the same as the compiled kernels' guards (csrc/ops/*_checks.h) for direct torch.ops calls.
+too. Errors are ValueErrors that name the argument and say what was expected, in the words of the
+compiled kernels' guards for direct torch.ops calls (csrc/ops/*_checks.h; only dtypes are spelt
+differently, torch.float32 for Float): tests/test_registry.py compares the two.
 """
 import math
 

@@ -12,16 +12,16 @@ global bytes moved.
 Where the numbers come from:
 - CUDA: every `csrc/ops/cuda/*.cu` is compiled for sm_90 with nvcc `-Xptxas -v` (cached by source
   hash under `build/kernel_report/`). The kernels each op call launches, with their grid, block and
-  dynamic shared memory, are `CUDA_PLANS` below: the host code of the .cu files written out (no GPU
-  runs it here). With the CUDA emulation build, `apkernels._emulation.counters()` supplies the
-  launches and global bytes of the real kernel code instead (see `emulated_counters`).
+  dynamic shared memory, are `cuda_plan` below: the host code of the .cu files written out (no GPU
+  runs it here).
 - Triton: the op's launcher runs on CPU tensors with every `JITFunction.run` intercepted, so each
   launch's grid, arguments, constexprs and `num_warps` are the launcher's own; each launch is then
   specialised the way Triton's JIT does (its own binder, for `GPUTarget("cuda", 90, 32)`), compiled
   to PTX and run through ptxas -v. Nothing executes.
-- global_bytes: measured traffic needs the CUDA emulator's counters (CUDA) or an equivalent
-  load/store accounting (Triton). Until those exist the column is None ("n/a" in the table): this
-  report does not estimate it.
+- global_bytes: measured, never estimated. `--emulated-counters` runs each CUDA row's op call on the
+  CUDA emulation build and takes launches and global bytes from `apkernels._emulation.counters()`
+  (the real kernel code; slow at the paper batch). Without it, and for Triton (no load/store
+  accounting yet), global_bytes is None ("n/a").
 """
 import argparse
 import dataclasses
@@ -217,8 +217,9 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         if pass_ == "fwd+bwd":
             plans.append(reduce_s)
             plans.append(Launch(rf"channel_reduce_kernel<false, {t}, float>", (B * M * math.ceil(P / 32),), 256))
-            plans.append(Launch(rf"grad_x_kernel<{t}, float>", (_elementwise_blocks(B * C * P),), 256))
-            plans.append(Launch(rf"grad_z_kernel<{t}, float>", (_elementwise_blocks(B * M * C2 * P),), 256))
+            # (index type uint32 at these sizes; older sources had none)
+            plans.append(Launch(rf"grad_x_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * C * P),), 256))
+            plans.append(Launch(rf"grad_z_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * M * C2 * P),), 256))
     elif op == "dan_head_fusion":
         C = shapes["C"]
         plans.append(Launch(rf"head_fusion_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
@@ -234,28 +235,74 @@ def _pool_backward_plan(dtype, B, N, C, reduce_batch):
     return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
 
 
-def emulated_counters(call):
-    """Launches and global bytes of `call()` run on the CUDA emulation build, or None without it.
+def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
+    """Launches and global bytes (read + written) of one call of the CUDA op (and its backward op)
+    run by the CUDA emulation build on CPU tensors, or None without that build.
 
-    Expects `apkernels._emulation.counters()` to return the launches since the last
-    `apkernels._emulation.reset_counters()` as a list of dicts with `bytes_read` and
-    `bytes_written` (or one `global_bytes`)."""
+    Uses `apkernels._emulation`: `available(op)`, `reset_counters()` and `counters()` (one dict per
+    launch with `global_read_bytes` / `global_write_bytes`). The emulator runs every CUDA thread as a
+    fiber: minutes per call at the paper batch, so `--emulated-counters` asks for it explicitly."""
     try:
         from apkernels import _emulation
     except ImportError:
         return None
-    if not getattr(_emulation, "available", lambda: False)():
+    if not _emulation.available(op):
         return None
     _emulation.reset_counters()
-    call()
+    _run_op(op, pass_, dtype, batch, _emulation.SUFFIX)
     launches = list(_emulation.counters())
-    total = 0
-    for launch in launches:
-        total += launch["global_bytes"] if "global_bytes" in launch else launch["bytes_read"] + launch["bytes_written"]
+    total = sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches)
     return {"launches": len(launches), "global_bytes": total}
 
 
 # ---------------------------------------------------------------------------------- Triton side
+# Aten ops that move data, recorded around the Triton launchers: (op, pass, dtype, batch) -> [name].
+recorded_aten = {}
+_NO_DATA_MOVEMENT = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "as_strided",
+                     "expand", "permute", "select", "slice", "unsqueeze", "squeeze", "reshape", "_reshape_alias",
+                     "t", "transpose", "detach", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
+                     "is_same_size", "_to_copy_meta", "min", "max", "aminmax", "item", "_local_scalar_dense",
+                     "lt", "ge", "any", "all", "eq", "ne", "gt", "le", "logical_or", "bitwise_or", "__or__")
+
+
+def _aten_name(func) -> str:
+    return func.__name__.split(".")[0]
+
+
+class _AtenWork:
+    """Records the aten ops a launcher runs besides its Triton kernels that touch tensor data
+    (fills, copies, dtype conversions), with the torch profiler (nested ops included); index
+    checks (min/max) and allocations are left out. Only while `active` (inside the op calls)."""
+
+    def __enter__(self):
+        self.ops, self.active, self._windows = [], False, []
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def call(self, fn, *args):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn(*args)
+        for event in prof.events():
+            name = event.name
+            if name.startswith("aten::") and name[6:] not in _NO_DATA_MOVEMENT and not _inside_aten(event):
+                self.ops.append(name[6:])
+        return out
+
+
+def _inside_aten(event) -> bool:
+    """True for an aten op called by another aten op (e.g. the fill_ inside zeros): count the outer one."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     """[(JITFunction, grid, args, kwargs)] of one call of the Triton op (and its backward), recorded
     from the launcher without running anything."""
@@ -274,8 +321,9 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     if saved[1] is not None:
         _common.check_launch = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
     try:
-        with torch.no_grad():
-            _run_op(op, pass_, dtype, batch, "_triton")
+        with torch.no_grad(), _AtenWork() as aten:
+            _run_op(op, pass_, dtype, batch, "_triton", inputs_outside=aten)
+        recorded_aten[(op, pass_, dtype, batch)] = aten.ops
     finally:
         JITFunction.run = saved[0]
         if saved[1] is not None:
@@ -283,28 +331,32 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     return recorded
 
 
-def _run_op(op, pass_, dtype, batch, suffix):
-    """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs."""
+def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
+    """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs.
+    `inputs_outside` (an _AtenWork) records the aten ops of the op calls (not of building inputs)."""
     import torch
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     spec = common.OPS[op]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     inputs = spec.make_inputs(batch, torch_dtype, "cpu", torch.Generator().manual_seed(0))
     ops = torch.ops.apkernels
-    fn = lambda name: getattr(ops, name + suffix)  # noqa: E731
+
+    def fn(name):
+        op_fn = getattr(ops, name + suffix)
+        return op_fn if inputs_outside is None else lambda *args: inputs_outside.call(op_fn, *args)
     if op == "patch_pool":
         x = inputs["x"]
         tokens, index = fn("patch_pool")(x, common.APVIT_KEEP, inputs["pos"], "sum_abs")
-        if pass_ == "fwd+bwd":
-            fn("pool_backward")(torch.empty_like(tokens), index, x.shape[2] * x.shape[3], True)
+        if pass_ == "fwd+bwd":  # the forward did not run: valid kept positions stand in for its index
+            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[2] * x.shape[3], True)
     elif op == "token_pool":
         x = inputs["x"]
-        tokens, index = fn("token_pool")(x, inputs["q"], inputs["k"], common.APVIT_TOKEN_KEEP,
-                                         common.APVIT_HEAD_DIM ** -0.5, "sum")
+        tokens, index = fn("token_pool")(x, inputs["q"], inputs["k"], common.APVIT_TOKEN_KEEP, common.TOKEN_SCALE,
+                                         "sum")
         if pass_ == "fwd+bwd":
-            fn("pool_backward")(torch.empty_like(tokens), index.clamp(0, x.shape[1] - 1), x.shape[1], False)
+            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[1], False)
     elif op == "dan_spatial_pool":
         g = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
         if pass_ == "fwd+bwd":
@@ -315,6 +367,13 @@ def _run_op(op, pass_, dtype, batch, suffix):
             fn("dan_head_fusion_backward")(torch.empty_like(fused), torch.empty_like(heads), inputs["g"],
                                            inputs["gate_logits"], heads)
     return inputs
+
+
+def _kept(index):
+    """Ascending positions 0..K-1 per image, in the shape of `index`."""
+    import torch
+
+    return torch.arange(index.shape[1]).expand(index.shape).contiguous()
 
 
 def triton_compile(jit_fn, args, kwargs, cache: dict) -> tuple:
@@ -357,7 +416,7 @@ def _ptxas_resources(ptx: str) -> Resources:
 
 # ---------------------------------------------------------------------------------- rows
 def op_shapes(op: str, batch: int) -> dict:
-    from benchmarks import common as c
+    from benchmarks import specs as c
 
     if op == "patch_pool":
         return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS)
@@ -372,7 +431,7 @@ def minimal_bytes(op: str, pass_: str, dtype: str, batch: int) -> int:
     """Every input read once, every output written once (benchmarks.common's traffic model)."""
     import torch
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     spec = common.OPS[op]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -400,7 +459,7 @@ def _meta_inputs(spec, batch, dtype):
 def _meta_outputs(op, i):
     import torch
 
-    from benchmarks import common as c
+    from benchmarks import specs as c
 
     B = next(iter(i.values())).shape[0]
     if op == "patch_pool":
@@ -434,7 +493,7 @@ def kernel_entry(name, resources, grid, threads, dynamic_shared):
     }
 
 
-def cuda_rows(resources: dict, batches, dtypes) -> list:
+def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False) -> list:
     rows = []
     for op in OPS:
         for pass_ in PASSES:
@@ -448,7 +507,8 @@ def cuda_rows(resources: dict, batches, dtypes) -> list:
                         name = min(matches, key=len)
                         kernels.append(kernel_entry(_short(name), resources[name], launch.grid, launch.threads,
                                                     launch.dynamic_shared_bytes))
-                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels, counters=None))
+                    counters = emulated_counters(op, pass_, dtype, batch) if emulate else None
+                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels, counters=counters))
     return rows
 
 
@@ -463,12 +523,14 @@ def triton_rows(batches, dtypes) -> list:
                         grid = tuple(grid) if not callable(grid) else tuple(grid(kwargs))
                         res, shared, warps = triton_compile(jit_fn, args, kwargs, cache)
                         kernels.append(kernel_entry(jit_fn.__name__, res, grid, warps * 32, shared))
-                    rows.append(make_row(op, "triton", pass_, dtype, batch, kernels, counters=None))
+                    row = make_row(op, "triton", pass_, dtype, batch, kernels, counters=None)
+                    row["host_aten_ops"] = recorded_aten.get((op, pass_, dtype, batch), [])
+                    rows.append(row)
     return rows
 
 
 def make_row(op, backend, pass_, dtype, batch, kernels, counters):
-    from benchmarks import common
+    from benchmarks import specs as common
 
     return {
         "op": op,
@@ -489,6 +551,7 @@ def make_row(op, backend, pass_, dtype, batch, kernels, counters):
 
 def _short(name: str) -> str:
     """A demangled name without namespaces and parameter list."""
+    name = re.sub(r"^void ", "", name)
     name = re.sub(r"\(anonymous namespace\)::", "", name)
     name = name.replace("apkernels::cuda::", "").replace("apkernels::", "")
     depth, out = 0, []
@@ -508,8 +571,11 @@ def format_table(rows) -> str:
              "|" + "---|" * 16]
     for r in rows:
         ratio = "n/a" if r["global_bytes"] is None else f"{r['global_bytes'] / r['minimal_bytes']:.2f}"
+        launches = str(r["launches"])
+        if r.get("host_aten_ops"):
+            launches += " + aten " + ", ".join(r["host_aten_ops"])
         for i, k in enumerate(r["kernels"]):
-            head = [r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), str(r["launches"])] if i == 0 \
+            head = [r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), launches] if i == 0 \
                 else [""] * 6
             tail = [f"{ratio} ({r['minimal_bytes'] / 1e6:.1f} MB min)" if i == 0 else ""]
             lines.append("| " + " | ".join(head + [
@@ -523,6 +589,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} to this file")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--emulated-counters", action="store_true",
+                        help="measure the CUDA rows' launches and global bytes on the CUDA emulation build "
+                             "(apkernels._emulation; slow: every CUDA thread is a fiber)")
     parser.add_argument("--quick", action="store_true", help="paper batch and bf16 only (the CI smoke run)")
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="only these backends")
     parser.add_argument("--csrc", type=Path, default=ROOT / "csrc",
@@ -531,7 +600,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the Triton kernels are compiled, not interpreted
 
-    from benchmarks import common
+    from benchmarks import specs as common
 
     batches = (256,) if args.quick else sorted({b for spec in common.OPS.values() for b in spec.batches})
     dtypes = ("bf16",) if args.quick else DTYPES
@@ -542,13 +611,13 @@ def main(argv=None) -> int:
             print("kernel_report: nvcc not found: CUDA rows skipped", file=sys.stderr)
         else:
             resources = cuda_resources(progress=lambda m: print(m, file=sys.stderr), csrc=args.csrc)
-            rows += cuda_rows(resources, batches, dtypes)
+            rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters)
     if "triton" in backends:
         rows += triton_rows(batches, dtypes)
     table = format_table(rows)
-    note = ("global bytes: n/a until the CUDA emulator's counters (apkernels._emulation) and a Triton load/store "
-            "accounting exist; launches = kernels one op call launches (CUDA: the host code's plan; Triton: "
-            "recorded from the launcher).")
+    note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation); "
+            "n/a otherwise, and for Triton (no load/store accounting yet): never estimated. launches = kernels one op "
+            "call launches (CUDA: the host code's plan, or the emulator's count; Triton: recorded from the launcher).")
     print(table + "\n\n" + note)
     if args.markdown:
         args.markdown.write_text(table + "\n\n" + note + "\n")

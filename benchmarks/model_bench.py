@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import official, timing
+from . import import_models, official, timing
 
 NUM_CLASSES = 7
 MODELS = ("APViT", "DAN")
@@ -36,7 +36,7 @@ CPU_BATCH = 4
 def models_unavailable() -> str | None:
     """None when `models/` provides APViT and DAN, else why not."""
     try:
-        import models
+        models = import_models()
     except Exception as exc:  # noqa: BLE001  (models/ absent or broken: report, do not fail)
         return f"models/ cannot be imported ({exc.__class__.__name__}: {exc})"
     if not all(hasattr(models, name) for name in MODELS):
@@ -89,9 +89,7 @@ class ModelCase:
             cls = official.OfficialDAN if name == "DAN" else official.OfficialAPViT
             model = cls(NUM_CLASSES, **kwargs)
         else:
-            import models
-
-            model = getattr(models, name)(num_classes=NUM_CLASSES, backend="auto", **kwargs)
+            model = getattr(import_models(), name)(num_classes=NUM_CLASSES, backend="auto", **kwargs)
         model = model.to(self.device)
         return torch.compile(model) if kind == "compile" else model
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import import_models
+
 # --------------------------------------------------------------------------------------- ops
 
 
@@ -117,7 +119,7 @@ class OfficialAPViT(nn.Module):
         num_patches = (input_size // 8) ** 2  # three stride-2 stages
         dim, heads = embed_dim, num_heads
         self.keep_patches = keep_patches
-        from models.ir50 import IR50  # the backbone is the same plain PyTorch in both formulations
+        IR50 = import_models("ir50").IR50  # the backbone is the same plain PyTorch in both formulations
 
         self.backbone = IR50(backbone_units)
         self.proj = nn.Conv2d(256, dim, 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -23,12 +25,51 @@ CHECKPOINT_FORMAT = "apkernels-fer"
 CHECKPOINT_VERSION = 1
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format (a zip archive)
+PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+
+
+def load_file(path) -> object:
+    """``torch.load(path, weights_only=True)`` onto the CPU. A file that cannot be read raises a
+    one-line ValueError naming it and what is wrong (empty, truncated, not a checkpoint, or holding
+    objects the weights-only reader refuses), instead of torch's multi-line advice."""
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path}: the file is empty (0 bytes)")
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint (it starts with the bytes {head!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if refused:
+            raise ValueError(f"checkpoint {path}: holds a {refused.group(1)} object; only tensors and plain "
+                             "containers are read from checkpoints (weights only)") from None
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        raise ValueError(f"checkpoint {path}: corrupt pickled data"
+                         + (f" ({reason.group(1).strip()})" if reason else "")) from None
+    except EOFError:
+        raise ValueError(f"checkpoint {path}: truncated (the data ends early)") from None
+    except RuntimeError as exc:
+        if "zip archive" in str(exc) or "central directory" in str(exc):
+            raise ValueError(f"checkpoint {path}: truncated or corrupt (an incomplete zip archive)") from None
+        raise ValueError(f"checkpoint {path}: unreadable ({str(exc).splitlines()[0]})") from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"checkpoint {path}: corrupt ({type(exc).__name__}: {exc})") from None
+
+
 def read_checkpoint(checkpoint) -> Mapping:
     """A checkpoint given as a path (read with ``weights_only=True`` onto the CPU) or a mapping."""
     if isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.isfile(checkpoint):
             raise ValueError(f"checkpoint must be an existing file or a state dict, got the path {str(checkpoint)!r}")
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+        obj = load_file(checkpoint)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"checkpoint {os.fspath(checkpoint)}: holds a {type(obj).__name__}, expected a dict")
+        return obj
     if isinstance(checkpoint, Mapping):
         return checkpoint
     raise ValueError(f"checkpoint must be a path or a mapping (a state dict), got {type(checkpoint).__name__}")
@@ -73,7 +114,9 @@ def _preview(keys, limit: int = 12) -> str:
 class LoadReport:
     """What loading a state dict into a module did. ``missing``: module keys the state dict did not
     provide; ``unexpected``: state dict keys the module has no place for; ``mismatched``: keys whose
-    shapes differ (``key: checkpoint shape -> module shape``); ``ignored``: keys dropped on purpose."""
+    shapes differ (``key: checkpoint shape -> module shape``); ``ignored``: keys dropped on purpose;
+    ``filled``: BatchNorm ``num_batches_tracked`` counters absent from files saved by torch < 0.4.1,
+    set to 0 as torch's own loader does for such files."""
 
     what: str
     loaded: list = field(default_factory=list)
@@ -81,6 +124,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)
     ignored: list = field(default_factory=list)
+    filled: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -88,15 +132,24 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"{self.what}: {len(self.loaded)} tensors loaded"]
-        for name in ("missing", "unexpected", "mismatched", "ignored"):
+        for name in ("missing", "unexpected", "mismatched", "ignored", "filled"):
             items = getattr(self, name)
             if items:
                 lines.append(f"  {len(items)} {name}: {_preview(items)}")
         return "\n".join(lines)
 
+    def fill_batch_counters(self, state_keys: Iterable[str]) -> None:
+        """Move the missing ``*.num_batches_tracked`` of BatchNorms whose statistics `state_keys`
+        has (an old file) from ``missing`` to ``filled``."""
+        state_keys = set(state_keys)
+        suffix = "num_batches_tracked"
+        old_file = [k for k in self.missing if k.endswith("." + suffix) and k[: -len(suffix)] + "running_mean" in state_keys]
+        self.missing = [k for k in self.missing if k not in old_file]
+        self.filled += old_file
+
     def raise_if_incomplete(self) -> None:
         if not self.ok:
-            raise ValueError(f"{self}\n(pass strict=False to load what matches)")
+            raise ValueError(f"{self}\n(strict=False loads what matches; models.train: --pretrained-partial)")
 
 
 def compare_state(module: torch.nn.Module, state: Mapping, what: str, allow_missing: Iterable[str] = (),
@@ -114,6 +167,7 @@ def compare_state(module: torch.nn.Module, state: Mapping, what: str, allow_miss
         else:
             report.loaded.append(key)
     report.missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    report.fill_batch_counters(state)
     return report
 
 
@@ -123,6 +177,9 @@ def copy_state(module: torch.nn.Module, state: Mapping, report: LoadReport) -> N
     with torch.no_grad():
         for key in report.loaded:
             own[key].copy_(state[key])
+        for key in report.filled:
+            if key in own:
+                own[key].zero_()
 
 
 def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bool = True,
@@ -143,6 +200,12 @@ def load_matching(module: torch.nn.Module, state: Mapping, what: str, strict: bo
 # --- our training checkpoints, and loading either kind for inference ---------------------------
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same directory, then rename: an interrupted save never
     leaves a truncated checkpoint behind."""
@@ -152,6 +215,7 @@ def atomic_save(obj, path: str) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give it the other outputs' mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -162,7 +226,7 @@ def atomic_save(obj, path: str) -> None:
 def load_checkpoint_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint: {path} holds a {type(obj).__name__}, expected a dict")
     return obj

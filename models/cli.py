@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import torch
@@ -29,6 +30,47 @@ def autocast(device: torch.device, amp: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prog_name(module: str) -> str:
+    """How the tool was started: the installed command (apkernels-train) or `python -m models.train`."""
+    import sys
+
+    command = os.path.basename(sys.argv[0])
+    return command if command.startswith("apkernels-") else f"python -m {module}"
+
+
+def default_workers() -> int:
+    """Data-loading processes: 4, or fewer on a machine with fewer CPUs (more only oversubscribe)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
+# What models.train writes into a run directory (--overwrite removes these, nothing else).
+RUN_OUTPUTS = ("metrics.jsonl", "curves.png", "last.pt", "best.pt", "skipped_images.txt")
+
+
+def claim_run_dir(out: str, overwrite: bool) -> None:
+    """Refuse to start a run in a directory that already holds files, unless `overwrite`; then the
+    previous run's outputs are removed so that none of them mixes with the new run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out} exists and is not a directory")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries:
+        return
+    if not overwrite:
+        last = os.path.join(out, "last.pt")
+        resume = f"--resume {last} to continue that run" if os.path.isfile(last) else "another --out"
+        raise ValueError(f"out: {out} already exists and holds {', '.join(entries[:4])}"
+                         f"{', ...' if len(entries) > 4 else ''}; pass {resume}, or --overwrite to start afresh in it")
+    for name in RUN_OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def run_cli(main, prog: str) -> None:

@@ -108,6 +108,7 @@ class DAN(nn.Module):
             f"{k}: {tuple(v.shape)} -> {tuple(expected_heads[k].shape)}"
             for k, v in heads.items() if k in expected_heads and tuple(v.shape) != tuple(expected_heads[k].shape)
         ]
+        report.fill_batch_counters(heads)
         if strict:
             report.raise_if_incomplete()
         elif report.mismatched:  # the heads' loader copies nothing on a mismatch: drop those keys

@@ -105,6 +105,46 @@ class FERDataset(torch.utils.data.Dataset):
         return image, sample.label
 
 
+def image_header_problem(path: str) -> str | None:
+    """None when `path` opens as an image (header only: fast), else what is wrong with it."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+        return f"{type(exc).__name__}: {exc}"
+    if width <= 0 or height <= 0:
+        return f"empty image ({width}x{height})"
+    return None
+
+
+def check_images(dataset: FERDataset, skip_bad: bool = False, show_progress: bool = True) -> list[tuple[str, str]]:
+    """Open every image header of `dataset` before any work starts, so that a corrupt file fails at
+    once instead of inside a DataLoader worker an epoch later. Returns the bad (path, problem) pairs;
+    with `skip_bad` they are dropped from the dataset, otherwise a ValueError lists them."""
+    from tqdm import tqdm
+
+    bad = []
+    for sample in tqdm(dataset.samples, desc=f"checking {dataset.name}", unit="img", leave=False,
+                       disable=not show_progress, mininterval=1.0):
+        problem = image_header_problem(sample.path)
+        if problem is not None:
+            bad.append((sample.path, problem))
+    if bad and not skip_bad:
+        shown = "; ".join(f"{path}: {problem}" for path, problem in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{dataset.name}: {len(bad)} unreadable image(s): {shown}{more} "
+                         "(pass --skip-bad-images to leave them out)")
+    if bad:
+        bad_paths = {path for path, _ in bad}
+        kept = [s for s in dataset.samples if s.path not in bad_paths]
+        if not kept:
+            raise ValueError(f"{dataset.name}: none of its {len(bad)} images is readable")
+        dataset.samples = kept
+    return bad
+
+
 def _check_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: directory not found: {path}")

@@ -13,6 +13,7 @@ from .checkpoint import (  # noqa: F401
     load_for_inference,
 )
 from .cli import AMP_DTYPES, add_checkpoint_arguments, autocast, resolve_device, run_cli  # noqa: F401
+from .cli import claim_run_dir, default_workers, prog_name, write_text  # noqa: F401
 from .distributed import _dist_device, cleanup_distributed, setup_distributed  # noqa: F401
 from .metrics import confusion_matrix, metrics_from_confusion, read_jsonl, run_evaluation, write_jsonl  # noqa: F401
 from .modeling import TrainStep, build_model, logits_of, model_classes, parse_pretrained  # noqa: F401

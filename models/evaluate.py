@@ -21,14 +21,17 @@ from . import checkpoint, cli, metrics, plots, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=cli.prog_name("models.evaluate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--dataset", required=True, choices=fer_data.DATASETS)
     p.add_argument("--data-root", required=True, metavar="DIR")
     p.add_argument("--split", default="test", help="default test (AffectNet: its val/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=cli.default_workers(),
+                   help="data loading processes (default min(4, CPUs): %(default)s)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out (and list) images whose header does not open, instead of stopping")
     p.add_argument("--amp", default="none", choices=tuple(cli.AMP_DTYPES))
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics here (and the confusion PNG beside it)")
     return p.parse_args(argv)
@@ -42,6 +45,8 @@ def evaluate(args) -> dict:
     classes = list(model.classes)
     dataset = fer_data.build_dataset(args.dataset, args.data_root, args.split, classes,
                                      recipes.eval_transform(model))
+    for path, problem in fer_data.check_images(dataset, args.skip_bad_images):
+        print(f"left out {path}: {problem}", file=sys.stderr)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     cm, loss_sum, n = metrics.run_evaluation(model, loader, device, len(classes), args.amp)
@@ -72,5 +77,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def command() -> None:
+    """The `apkernels-evaluate` command."""
+    cli.run_cli(main, cli.prog_name("models.evaluate"))
+
+
 if __name__ == "__main__":
-    cli.run_cli(main, "python -m models.evaluate")
+    command()

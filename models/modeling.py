@@ -64,9 +64,11 @@ def logits_of(output) -> torch.Tensor:
 
 class TrainStep(torch.nn.Module):
     """Model + its training losses in one module, so DistributedDataParallel also synchronises the
-    gradients of loss parameters (DAN's affinity centres). forward -> (logits, loss, {part: value})."""
+    gradients of loss parameters (DAN's affinity centres). forward -> (logits, loss, {part: value}).
+    `affinity_centres`: DAN's number of affinity-loss centres (default one per class; the official
+    RAF-DB run has 8, see models.recipes)."""
 
-    def __init__(self, name: str, model: torch.nn.Module):
+    def __init__(self, name: str, model: torch.nn.Module, affinity_centres: int | None = None):
         super().__init__()
         self.name = name
         self.model = model
@@ -74,7 +76,11 @@ class TrainStep(torch.nn.Module):
             from . import AffinityLoss, PartitionLoss
 
             feat_dim = getattr(model, "feat_dim", 512)
-            self.affinity = AffinityLoss(len(model.classes), feat_dim)
+            centres = len(model.classes) if affinity_centres is None else affinity_centres
+            if centres < len(model.classes):
+                raise ValueError(f"affinity_centres: need at least one centre per class ({len(model.classes)}), "
+                                 f"got {centres}")
+            self.affinity = AffinityLoss(centres, feat_dim)
             self.partition = PartitionLoss()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):

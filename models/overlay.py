@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 PANEL = 224  # display size of each panel
+LABEL_BACKGROUND = (0, 0, 0, 190)  # translucent black box behind panel titles: readable on any image
+
+
+def _label(panel: Image.Image, xy: tuple, text: str, fill=(255, 255, 0)) -> None:
+    """`text` at `xy` on a dark box, so a caption stays readable over bright or yellow faces."""
+    box = ImageDraw.Draw(panel).textbbox(xy, text)
+    pad = 2
+    overlay = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+    ImageDraw.Draw(overlay).rectangle([box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad], fill=LABEL_BACKGROUND)
+    panel.paste(Image.alpha_composite(panel.convert("RGBA"), overlay).convert("RGB"))
+    ImageDraw.Draw(panel).text(xy, text, fill=fill)
 
 
 def _mask_panel(image: Image.Image, kept: torch.Tensor, grid: tuple, title: str) -> Image.Image:
@@ -29,8 +40,7 @@ def _mask_panel(image: Image.Image, kept: torch.Tensor, grid: tuple, title: str)
             r, c = divmod(p, cols)
             draw_alpha.rectangle([c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1], fill=170)
     panel = Image.composite(shade, base, alpha)
-    draw = ImageDraw.Draw(panel)
-    draw.text((4, 4), title, fill=(255, 255, 0))
+    _label(panel, (4, 4), title)
     return panel
 
 
@@ -73,6 +83,6 @@ def dan_overlay(image: Image.Image, maps: torch.Tensor, caption: str = "") -> Im
         up = up - up.min()
         up = up / up.max().clamp_min(1e-12)
         panel = Image.blend(base, _colormap(up), 0.45)
-        ImageDraw.Draw(panel).text((4, 4), f"head {m}", fill=(255, 255, 255))
+        _label(panel, (4, 4), f"head {m}", fill=(255, 255, 255))
         panels.append(panel)
     return _side_by_side(panels, caption)

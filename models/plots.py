@@ -18,7 +18,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def plot_curves(history: list[dict], out_dir: str) -> None:
+def plot_curves(history: list[dict], out_dir: str):
     """curves.png: loss (left) and accuracy (right) per epoch, from the metrics.jsonl records."""
     from matplotlib.ticker import MaxNLocator
 
@@ -29,13 +29,17 @@ def plot_curves(history: list[dict], out_dir: str) -> None:
         for key in keys:
             values = [h.get(key) for h in history]
             ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:  # MaxNLocator falls back to fractional ticks below two epochs
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
+    return fig
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str, title: str = "") -> None:

@@ -24,7 +24,7 @@ from . import checkpoint, cli, modeling, overlay, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__,
+    p = argparse.ArgumentParser(prog=cli.prog_name("models.predict"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_arguments(p, recipes.MODELS)
     p.add_argument("--batch-size", type=int, default=32)
@@ -120,5 +120,10 @@ def main(argv=None) -> list[dict]:
     return results
 
 
+def command() -> None:
+    """The `apkernels-predict` command."""
+    cli.run_cli(main, cli.prog_name("models.predict"))
+
+
 if __name__ == "__main__":
-    cli.run_cli(main, "python -m models.predict")
+    command()

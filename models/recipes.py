@@ -1,6 +1,8 @@
-"""The papers' training recipes (APViT's, and DAN's including its AffectNet variant): transforms,
-sampler, optimiser, schedule. `paper_recipe(model, dataset)` gives the defaults `models.train` uses;
-every field can be overridden from the command line.
+"""The papers' training recipes, as the official training code runs them (APViT: `configs/apvit/RAF.py`
+through mmcls / mmcv; DAN: `rafdb.py`, `affectnet.py`): transforms, sampler, loss settings, optimiser,
+schedule, clipping, and the one optimiser step `models.train` takes per batch. `paper_recipe(model,
+dataset)` gives the defaults `models.train` uses; several fields can be overridden from the command
+line. docs/workflows.md lists every detail and where (and by how much) we differ.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ class Recipe:
     schedule: str = "cosine"  # "cosine" (to 0 over the epochs) | "step" | "exponential", stepped per epoch
     step_size: int = 10
     gamma: float = 0.1
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = None  # max global L2 norm of the gradients (None: no clipping)
     sampler: str = "shuffle"  # "shuffle" | "repeat_factor" | "balanced"
     repeat_thr: float = 0.15
+    affinity_centres: int | None = None  # DAN's affinity-loss centres (None: one per class)
+    zero_head: bool = False  # start the classifier head at zero (mmcls LinearClsHead.init_weights)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -35,19 +39,29 @@ class Recipe:
         return d
 
 
+# DAN's rafdb.py builds `AffinityLoss(device)` with the class's default num_class=8 although RAF-DB
+# has 7 classes: the official run has an 8th centre, which only enters the spread term (and decays).
+DAN_RAFDB_AFFINITY_CENTRES = 8
+
+
 def paper_recipe(model: str, dataset: str) -> Recipe:
     """The official recipe for `model` on `dataset` (APViT's RAF-DB recipe serves every dataset;
-    DAN has its own AffectNet variant)."""
+    DAN has its own AffectNet variant; DAN's RAF-DB recipe serves the image-folder datasets too).
+
+    APViT: the config asks for no weight decay on `.vit.pos_embed`, `.vit.cls_token`, ... through
+    mmcv's paramwise custom_keys, but mmcv matches the keys against names without a leading dot
+    (`vit.cls_token`), so none matches and the official run decays every parameter: so do we."""
     if model == "apvit":
         return Recipe(epochs=40, batch_size=128, lr=1e-3, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                      no_decay=("pos_embed", "cls_token"), schedule="cosine", clip_grad_norm=10.0,
-                      sampler="repeat_factor", repeat_thr=0.15)
+                      no_decay=(), schedule="cosine", clip_grad_norm=10.0, sampler="repeat_factor",
+                      repeat_thr=0.15, zero_head=True)
     if model == "dan":
         if dataset == "affectnet":
             return Recipe(epochs=40, batch_size=256, lr=1e-4, optimizer="adam", weight_decay=0.0,
                           schedule="exponential", gamma=0.6, sampler="balanced")
         return Recipe(epochs=40, batch_size=256, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=1e-4,
-                      schedule="step", step_size=10, gamma=0.1, sampler="shuffle")
+                      schedule="step", step_size=10, gamma=0.1, sampler="shuffle",
+                      affinity_centres=DAN_RAFDB_AFFINITY_CENTRES if dataset == "rafdb" else None)
     raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
 
 
@@ -67,8 +81,9 @@ def eval_transform(model: torch.nn.Module) -> T.Compose:
     return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(model.image_mean, model.image_std)])
 
 
-def train_transform(name: str, model: torch.nn.Module) -> T.Compose:
-    """The paper's training augmentation of model `name` at the model's input size."""
+def train_transform(name: str, model: torch.nn.Module, dataset: str = "rafdb") -> T.Compose:
+    """The official training augmentation of model `name` on `dataset` at the model's input size
+    (DAN's affectnet.py augments differently from its rafdb.py)."""
     size, mean, std = model.input_size, model.image_mean, model.image_std
     if name == "apvit":
         return T.Compose([
@@ -80,6 +95,15 @@ def train_transform(name: str, model: torch.nn.Module) -> T.Compose:
             T.ToTensor(),
             T.Normalize(mean, std),
             T.RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value="random"),
+        ])
+    if name == "dan" and dataset == "affectnet":
+        return T.Compose([
+            T.Resize((size, size)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.RandomAffine(20, scale=(0.8, 1), translate=(0.2, 0.2))], p=0.7),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+            T.RandomErasing(),
         ])
     if name == "dan":
         return T.Compose([
@@ -153,6 +177,10 @@ class FERSampler(DistributedSampler):
 # ---------------------------------------------------------------------------------------------
 
 def build_optimizer(recipe: Recipe, named_parameters) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the trainable parameters (the model's and the losses', e.g. DAN's
+    affinity centres, which the official loops optimise with the same settings, weight decay
+    included); parameters whose name contains a `no_decay` substring get no weight decay. SGD has
+    no Nesterov and no dampening, Adam default betas / eps, as the official code."""
     decay, no_decay = [], []
     for name, p in named_parameters:
         if not p.requires_grad:
@@ -168,11 +196,52 @@ def build_optimizer(recipe: Recipe, named_parameters) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer: expected sgd or adam, got {recipe.optimizer!r}")
 
 
+class CosineAnnealingByEpoch(torch.optim.lr_scheduler.LRScheduler):
+    """mmcv's CosineAnnealing lr policy by epoch: before epoch e (0-based) every group's lr is
+    eta_min + 0.5 * (base_lr - eta_min) * (cos(pi * e / total_epochs) + 1), computed in closed form
+    (torch's CosineAnnealingLR uses a recursive update that drifts in the last digits)."""
+
+    def __init__(self, optimizer, total_epochs: int, eta_min: float = 0.0, last_epoch: int = -1):
+        if total_epochs < 1:
+            raise ValueError(f"epochs: the cosine schedule needs at least 1 epoch, got {total_epochs}")
+        self.total_epochs, self.eta_min = total_epochs, eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        return [self.eta_min + 0.5 * (base - self.eta_min) * (math.cos(math.pi * (self.last_epoch / self.total_epochs)) + 1)
+                for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+
 def build_scheduler(recipe: Recipe, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's lr schedule, stepped once per epoch (after the epoch) as in every official loop."""
     if recipe.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(recipe.epochs, 1), eta_min=0.0)
+        return CosineAnnealingByEpoch(optimizer, total_epochs=max(recipe.epochs, 1))
     if recipe.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     if recipe.schedule == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=recipe.gamma)
     raise ValueError(f"schedule: expected cosine, step or exponential, got {recipe.schedule!r}")
+
+
+def optimisation_step(recipe: Recipe, optimizer, scaler, parameters, loss: torch.Tensor) -> None:
+    """One optimiser step on `loss`, in the official order (mmcv OptimizerHook; DAN's loops): zero
+    the gradients, backward (loss-scaled under fp16), clip the global L2 norm of the gradients when
+    the recipe clips, step. `parameters` are those the clipping measures (all trainable ones)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if recipe.clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], recipe.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def initialise(recipe: Recipe, model: torch.nn.Module) -> None:
+    """The official starting point beyond the pretrained weights: APViT's mmcls LinearClsHead starts
+    at zero (its init_weights), whatever the backbone was loaded with."""
+    if recipe.zero_head:
+        head = model.head.fc
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)

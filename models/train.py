@@ -27,7 +27,7 @@ from . import engine, recipes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=engine.prog_name("models.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=recipes.MODELS)
     p.add_argument("--dataset", required=True, choices=fer_data.DATASETS,
@@ -44,15 +44,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--sampler", default=None, choices=("shuffle", "repeat_factor", "balanced"))
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    p.add_argument("--workers", type=int, default=engine.default_workers(),
+                   help="data loading processes per training process (default min(4, CPUs): %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per local rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES), help="autocast dtype (fp16 adds loss scaling)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pt / best.pt of this tool")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing --out, replacing its run (without it, an existing run "
+                        "directory is refused)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images whose header does not open (listed in RUN_DIR/skipped_images.txt); "
+                        "without it, an unreadable image stops the run before training")
     p.add_argument("--pretrained", nargs="+", default=None, metavar="[NAME=]PATH",
                    help="initial weights for the model's load_pretrained, NAME=PATH for a keyword (APViT: "
                         "ir50=backbone_ir50_ms1m_epoch120.pth vit=vit_small_p16_224-15ec54c9.pth; DAN: "
                         "resnet18_msceleb.pth); the paper recipes start from them")
+    p.add_argument("--pretrained-partial", action="store_true",
+                   help="load what matches from --pretrained and report the rest (strict=False), instead of "
+                        "refusing a file with missing, unexpected or mis-shaped keys")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help="extra keyword arguments of the model constructor, e.g. a smaller model for smoke tests")
     p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
@@ -132,7 +142,36 @@ def _log(rank: int, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, recipe: recipes.Recipe,
+                device: torch.device, amp: str = "none", desc: str = "train", show_progress: bool = True,
+                before_batch=None) -> torch.Tensor:
+    """One epoch of the recipe's training steps over `loader` (the scheduler steps after it):
+    `trainer` is `step` or its DDP wrapper; `before_batch(index)` runs before each batch. Returns
+    float64 sums over the samples: loss, correct, count, affinity, partition."""
+    step.train()
+    sums = torch.zeros(5, dtype=torch.float64)
+    bar = tqdm(loader, desc=desc, disable=not show_progress, leave=False)
+    for batch, (images, labels) in enumerate(bar):
+        if before_batch is not None:
+            before_batch(batch)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with engine.autocast(device, amp):
+            logits, loss, parts = trainer(images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr?)")
+        recipes.optimisation_step(recipe, optimizer, scaler, step.parameters(), loss)
+        n = labels.numel()
+        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n,
+                              float(parts.get("affinity", 0.0)) * n, float(parts.get("partition", 0.0)) * n],
+                             dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+    return sums
+
+
 def train(args, rank: int, world: int, device: torch.device) -> dict:
+    if not args.resume:
+        engine.claim_run_dir(args.out, args.overwrite)
     resume = engine.load_checkpoint_file(args.resume) if args.resume else None
     if resume is not None:
         if not engine.is_our_checkpoint(resume):
@@ -168,16 +207,24 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     engine.seed_everything(args.seed)
     model = engine.build_model(args.model, classes, args.model_kwargs, args.input_size)
     train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
-                                       recipes.train_transform(args.model, model))
+                                       recipes.train_transform(args.model, model, args.dataset))
     test_set = fer_data.build_dataset(args.dataset, args.data_root, args.eval_split, classes,
                                       recipes.eval_transform(model))
+    bad_images = []
+    for dataset in (train_set, test_set):
+        bad_images += fer_data.check_images(dataset, args.skip_bad_images, show_progress=rank == 0)
+    if bad_images:
+        _log(rank, f"left out {len(bad_images)} unreadable image(s) (--skip-bad-images), listed in "
+                   f"{os.path.join(args.out, 'skipped_images.txt')}")
     if args.pretrained and resume is None:
         positional, named = engine.parse_pretrained(args.pretrained)
-        reports = model.load_pretrained(*positional, **named)
+        reports = model.load_pretrained(*positional, **named, strict=not args.pretrained_partial)
         for report in reports if isinstance(reports, (list, tuple)) else [reports]:
             if report is not None:
                 _log(rank, str(report))
-    step = engine.TrainStep(args.model, model).to(device)
+    if resume is None:
+        recipes.initialise(recipe, model)
+    step = engine.TrainStep(args.model, model, recipe.affinity_centres).to(device)
     optimizer = recipes.build_optimizer(recipe, step.named_parameters())
     scheduler = recipes.build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -190,6 +237,11 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         scaler.load_state_dict(resume["scaler"])
         engine.set_rng_state(resume["rng"])
         start_epoch, best_acc = int(resume["epoch"]), float(resume["best_acc"])
+        if start_epoch >= recipe.epochs:
+            _log(rank, f"{args.resume}: the run is complete (all {recipe.epochs} epochs trained, best "
+                       f"{args.eval_split} accuracy {best_acc:.4f}); nothing to resume")
+            history = engine.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
+            return {"best_acc": best_acc, "history": history, "classes": classes, "complete": True}
     trainer = step
     if world > 1:
         trainer = torch.nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
@@ -205,6 +257,9 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
 
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
+        if bad_images:
+            engine.write_text(os.path.join(args.out, "skipped_images.txt"),
+                              "".join(f"{path}\t{problem}\n" for path, problem in bad_images))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     history = [h for h in engine.read_jsonl(metrics_path) if h["epoch"] <= start_epoch] if resume is not None else []
     _log(rank, f"{args.model} on {args.dataset}: {len(train_set)} train / {len(test_set)} {args.eval_split} images, "
@@ -217,29 +272,9 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         t0 = time.time()
         sampler.set_epoch(epoch)
         _seed_epoch(args.seed, epoch, rank)
-        step.train()
         lr = optimizer.param_groups[0]["lr"]
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, count, affinity, partition
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=rank != 0, leave=False)
-        for images, labels in bar:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with engine.autocast(device, args.amp):
-                logits, loss, parts = trainer(images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} (lower --lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(step.parameters(), recipe.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            n = labels.numel()
-            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n,
-                                  float(parts.get("affinity", 0.0)) * n, float(parts.get("partition", 0.0)) * n],
-                                 dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+        sums = train_epoch(trainer, step, train_loader, optimizer, scaler, recipe, device, args.amp,
+                           desc=f"epoch {epoch + 1}/{recipe.epochs}", show_progress=rank == 0)
         if world > 1:
             sums = sums.to(engine._dist_device())
             dist.all_reduce(sums)
@@ -291,5 +326,10 @@ def main(argv=None) -> dict:
         engine.cleanup_distributed()
 
 
+def command() -> None:
+    """The `apkernels-train` command."""
+    engine.run_cli(main, engine.prog_name("models.train"))
+
+
 if __name__ == "__main__":
-    engine.run_cli(main, "python -m models.train")
+    command()

@@ -42,11 +42,27 @@ def test_affinity_matches_hand_formula_and_official_code():
     labels = torch.tensor([0, 4, 4, 2])
     got = loss(features, labels)
     pooled = features.mean((2, 3))
-    assert got.item() == pytest.approx(affinity_by_hand(pooled, labels, loss.centers.detach()), rel=1e-12)
-    # The official code also clamps the B * (K - 1) masked zeros up to 1e-12 each.
-    official = affinity_official(pooled, labels, loss.centers.detach())
-    assert got.item() == pytest.approx(official.item() - 4 * 4 * 1e-12 / 4, rel=1e-10)
+    # Like the official code, the loss clamps the B * (K - 1) masked zeros up to 1e-12 each.
+    by_hand = affinity_by_hand(pooled, labels, loss.centers.detach())
+    assert got.item() == pytest.approx(by_hand + 4 * 4 * 1e-12 / 4, rel=1e-12)
+    assert got.item() != pytest.approx(by_hand, rel=1e-12)
+    # Operation for operation the official computation: equal to the last bit.
+    official = affinity_official(torch.nn.functional.adaptive_avg_pool2d(features, 1).flatten(1), labels,
+                                 loss.centers.detach())
+    assert torch.equal(got.detach(), official)
     assert loss(pooled, labels).item() == pytest.approx(got.item(), rel=1e-14)  # [B, C] input too
+
+
+def test_affinity_spare_centres_enter_the_spread_only():
+    """DAN's official RAF-DB run: 8 centres for 7 classes; the 8th has no samples but widens the
+    spread term, so it gets a gradient."""
+    torch.manual_seed(3)
+    loss = AffinityLoss(num_classes=8, feat_dim=6).double()
+    x, labels = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 6, 3, 3, 1])
+    value = loss(x, labels)
+    assert value.item() == pytest.approx(affinity_by_hand(x, labels, loss.centers.detach()) + 7e-12, rel=1e-12)
+    value.backward()
+    assert loss.centers.grad[7].abs().sum() > 0
 
 
 def test_affinity_clamps_and_gradients():
@@ -54,7 +70,7 @@ def test_affinity_clamps_and_gradients():
     loss = AffinityLoss(num_classes=3, feat_dim=4).double()
     labels = torch.tensor([2, 0])
     at_centres = loss.centers.detach()[labels].clone()
-    assert loss(at_centres, labels).item() == pytest.approx(1e-12)  # d = 0 is clamped up
+    assert loss(at_centres, labels).item() == pytest.approx(3e-12, abs=1e-14)  # every d = 0 is clamped up
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, c: AffinityLoss.forward(_with_centers(loss, c), x, labels),
                                     (x, loss.centers.detach().clone().requires_grad_()))

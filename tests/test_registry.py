@@ -141,3 +141,21 @@ def test_python_checks_and_compiled_guards_say_the_same(op, args):
     with pytest.raises(ValueError) as guard_error:
         getattr(torch.ops.apkernels, op)(*args)
     assert _normalised(str(python_error.value)) == _normalised(str(guard_error.value))
+
+
+def test_importing_the_benchmarks_leaves_dynamo_config_alone():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "limits = ('recompile_limit', 'cache_size_limit')\n"
+        "before = {n: getattr(torch._dynamo.config, n) for n in limits if hasattr(torch._dynamo.config, n)}\n"
+        "import benchmarks.specs, benchmarks.timing, benchmarks.checks\n"
+        "after = {n: getattr(torch._dynamo.config, n) for n in before}\n"
+        "assert before == after, (before, after)\n"
+    )
+    env = {**os.environ, "APKERNELS_QUIET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

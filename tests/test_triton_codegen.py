@@ -40,3 +40,31 @@ def test_batch_sum_has_no_32bit_multiply_in_its_addresses():
     ttir = compile_in_subprocess(TTIR_OF_BATCH_SUM)
     products = re.findall(r"arith\.muli .*", ttir)
     assert not [p for p in products if re.search(r"(: i32|xi32>)", p)], products
+
+
+def test_launchers_run_on_their_tensors_device(monkeypatch):
+    # Fake CUDA tensors (no GPU needed): the guard makes the tensors' device current around the
+    # launcher, since Triton launches on the current device.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from apkernels.triton_kernels import _common
+
+    entered, seen = [], []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    guarded = _common.on_tensor_device(lambda x, n: seen.append((x.device, n)) or n)
+    with FakeTensorMode():
+        x = torch.empty(2, 3, device="cuda:1")
+    assert guarded(x, 5) == 5
+    assert entered == [torch.device("cuda:1")] and seen == [(torch.device("cuda:1"), 5)]
+    assert guarded(torch.zeros(1), 7) == 7 and len(entered) == 1  # CPU tensors: no guard

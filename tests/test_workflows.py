@@ -152,7 +152,7 @@ def test_corrupt_missing_and_empty_errors(tmp_path):
     ds[0]
     with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
         ds[1]
-    with pytest.raises(RuntimeError, match="train_00002_aligned.jpg"):
+    with pytest.raises(ValueError, match="unreadable image.*train_00002_aligned.jpg"):  # checked before training
         train.main(train_args(tmp_path, tmp_path / "run", epochs=1))
     os.remove(tmp_path / "Image" / "aligned" / "test_00001_aligned.jpg")
     with pytest.raises(FileNotFoundError, match="test_00001_aligned.jpg"):
@@ -223,7 +223,7 @@ def test_evaluate_metrics_match_hand_computed(tmp_path, monkeypatch):
         lines.append(f"test_{i + 1:05d}.jpg {label}")
     os.makedirs(tmp_path / "EmoLabel")
     (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(engine, "load_for_inference", lambda *a, **k: _GreyLevelModel(APVIT_RAFDB_CLASSES))
+    monkeypatch.setattr(checkpoint, "load_for_inference", lambda *a, **k: _GreyLevelModel(APVIT_RAFDB_CLASSES))
     out = tmp_path / "eval" / "metrics.json"
     evaluate.main(["--model", "apvit", "--checkpoint", "unused.pt", "--dataset", "rafdb", "--data-root",
                    str(tmp_path), "--device", "cpu", "--workers", "0", "--json", str(out)])
@@ -338,7 +338,7 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
         assert h["train_affinity"] > 0 and h["train_partition"] > 0 and h["train_loss"] > h["train_affinity"]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["classes"] == list(DAN_RAFDB_CLASSES) and ckpt["input_size"] == 32
-    assert ckpt["loss_state_dict"]["affinity.centers"].shape == (7, 512)
+    assert ckpt["loss_state_dict"]["affinity.centers"].shape == (8, 512)  # rafdb.py's AffinityLoss default
     assert ckpt["config"]["recipe"]["schedule"] == "step" and ckpt["config"]["recipe"]["optimizer"] == "sgd"
     n_model = sum(1 for k in ckpt["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert len(ckpt["optimizer"]["state"]) == n_model + 1  # the affinity centres are optimised too
@@ -358,6 +358,26 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
     assert [p["path"] for p in preds] == images and list(preds[0]["probabilities"]) == list(DAN_RAFDB_CLASSES)
     overlays = sorted(os.listdir(tmp_path / "att"))
     assert len(overlays) == 2 and Image.open(tmp_path / "att" / overlays[0]).size == (4 * 224, 224 + 16)
+
+
+def test_dan_affinity_centres_travel_in_checkpoints_and_resume(raf, tmp_path):
+    """DAN RAF-DB checkpoints hold the official run's 8 affinity centres; a resumed run continues
+    from them (and from their momentum) exactly."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(train_args(raf, whole, model="dan"))
+    train.main(train_args(raf, parts, "--stop-after", "1", model="dan"))
+    halfway = torch.load(parts / "last.pt", map_location="cpu", weights_only=True)
+    train.main(train_args(raf, parts, "--resume", str(parts / "last.pt"), model="dan"))
+    ref = torch.load(whole / "last.pt", map_location="cpu", weights_only=True)
+    got = torch.load(parts / "last.pt", map_location="cpu", weights_only=True)
+    centres = got["loss_state_dict"]["affinity.centers"]
+    assert centres.shape == (8, 512) and got["config"]["recipe"]["affinity_centres"] == 8
+    assert torch.equal(centres, ref["loss_state_dict"]["affinity.centers"])
+    assert not torch.equal(centres, halfway["loss_state_dict"]["affinity.centers"])  # the second epoch moved them
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key
+    for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
 @pytest.mark.skipif(os.environ.get("APKERNELS_SKIP_DDP") == "1", reason="APKERNELS_SKIP_DDP=1")

@@ -1,5 +1,7 @@
 """Helpers shared by the Triton kernels: device/dtype checks, block sizes, registration and the top-k
 selection (one packed int64 key per position, sorted with `tl.sort`)."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,21 @@ def check_launch(op: str, **tensors) -> None:
         )
 
 
+def on_tensor_device(launcher):
+    """`launcher` run with its first tensor argument's CUDA device current: Triton launches on the
+    current device, so tensors on a second GPU would otherwise run on (and read through) the first."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return guarded
+
+
 def check_dtype(op: str, name: str, t, dtypes) -> None:
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
@@ -64,7 +81,7 @@ def register(kernels: dict) -> None:
     """Register {op name: launcher} as CPU and CUDA kernels of `apkernels::<name>_triton` and mark
     those ops available on the Triton backend."""
     for name, fn in kernels.items():
-        _library.register_kernel(name + _library.TRITON_SUFFIX, fn)
+        _library.register_kernel(name + _library.TRITON_SUFFIX, on_tensor_device(fn))
         _backend.TRITON_OPS.add(name)
 
 

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from . import _common
 
 OP = "dan_head_fusion"
@@ -71,6 +72,9 @@ def _blocks(M, C):
 
 
 def dan_head_fusion_triton(g, gate_logits):
+    # The guard of direct torch.ops calls (the public function has checked already), as the
+    # compiled kernels' C++ checks.
+    _checks.dan_head_fusion(g, gate_logits)
     _common.check_launch(OP, g=g, gate_logits=gate_logits)
     _common.check_dtype(OP, "g", g, DTYPES)
     B, M, C = g.shape

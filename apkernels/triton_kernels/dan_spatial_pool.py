@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from . import _common
 
 OP = "dan_spatial_pool"
@@ -126,6 +127,9 @@ def _sizes(x, z):
 
 
 def dan_spatial_pool_triton(x, z):
+    # The guard of direct torch.ops calls (the public function has checked already), as the
+    # compiled kernels' C++ checks.
+    _checks.dan_spatial_pool(x, z)
     _common.check_launch(OP, x=x, z=z)
     _common.check_dtype(OP, "x", x, DTYPES)
     B, M, C, C2, W, P, p_pad = _sizes(x, z)

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import _checks, reference
 from . import _common
 
 OP = "patch_pool"
@@ -69,6 +69,9 @@ def _patch_pool_kernel(
 
 
 def patch_pool_triton(x, keep, pos, score):
+    # The guard of direct torch.ops calls (the public function has checked already), as the
+    # compiled kernels' C++ checks.
+    _checks.patch_pool(x, keep, pos, score)
     _common.check_launch(OP, x=x, pos=pos)
     _common.check_dtype(OP, "x", x, _common.HALF_AND_FLOAT)
     B, C, H, W = x.shape

@@ -3,7 +3,6 @@ grad_rows[b, index[b, j]] += grad_tokens[b, j] for j ascending - one program per
 channel block) walks j in order, so a repeated index accumulates deterministically (no atomics) -
 then (reduce_batch) the batch sum of those rows, the position embedding gradient, as a fixed-order
 loop over the batch."""
-import torch
 import triton
 import triton.language as tl
 
@@ -53,11 +52,11 @@ def _batch_sum_kernel(rows_ptr, sum_ptr, B, numel, ACC: tl.constexpr, BLOCK: tl.
 def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
     _checks.pool_backward(grad_tokens, index, num_rows)
     _common.check_launch(OP, grad_tokens=grad_tokens, index=index)
-    _common.check_dtype(OP, "grad_tokens", grad_tokens, _common.HALF_AND_FLOAT)
     reference.check_pool_index(index, num_rows)
     B, K, C = grad_tokens.shape
-    # Accumulated in fp32 and rounded once, as the reference (a copy when no index repeats).
-    rows = grad_tokens.new_zeros(B, num_rows, C, dtype=torch.float32)
+    # Accumulated in fp32 (fp64 for fp64) and rounded once, as the reference (a copy when no index
+    # repeats).
+    rows = grad_tokens.new_zeros(B, num_rows, C, dtype=reference.accum_dtype(grad_tokens.dtype))
     if rows.numel() and K:
         # Wide blocks in the interpreter (one numpy op per tile op); 256 channels on a GPU, so a
         # batch gives several programs per item.

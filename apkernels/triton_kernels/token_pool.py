@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import _checks, reference
 from . import _common
 
 OP = "token_pool"
@@ -73,6 +73,9 @@ def _token_pool_kernel(
 
 
 def token_pool_triton(x, q, k, keep, scale, score):
+    # The guard of direct torch.ops calls (the public function has checked already), as the
+    # compiled kernels' C++ checks.
+    _checks.token_pool(x, q, k, keep, scale, score)
     _common.check_launch(OP, x=x, q=q, k=k)
     _common.check_dtype(OP, "x", x, _common.HALF_AND_FLOAT)
     _common.check_dtype(OP, "q", q, _common.HALF_AND_FLOAT)
