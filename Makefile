@@ -25,10 +25,11 @@ BUILD_LOG := build/pip-install.log
 
 venv: $(VENV)/.requirements-installed
 
-$(VENV)/.requirements-installed: requirements.txt
+$(VENV)/.requirements-installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # The whole compiler output goes to $(BUILD_LOG); on failure its end is shown and make fails.

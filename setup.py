@@ -282,6 +282,7 @@ COMMANDS = [
     "apkernels-evaluate = apkernels.models.evaluate:command",
     "apkernels-predict = apkernels.models.predict:command",
     "apkernels-bench = apkernels.benchmarks.__main__:command",
+    "apkernels-export = apkernels.models.export:main",
 ]
 
 setup(
