@@ -12,6 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 export MAX_JOBS
+# The CUDA kernels also build for the CPU emulator (apkernels._C_emulated; tests/test_cuda_emulation.py).
+APKERNELS_CUDA_EMULATION ?= 1
+export APKERNELS_CUDA_EMULATION
 PYTEST_ARGS ?=
 
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
