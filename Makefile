@@ -12,6 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 export MAX_JOBS
+# The CUDA kernels also build for the CPU emulator (apkernels._C_emulated; tests/test_cuda_emulation.py).
+APKERNELS_CUDA_EMULATION ?= 1
+export APKERNELS_CUDA_EMULATION
 PYTEST_ARGS ?=
 
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
@@ -22,10 +25,11 @@ BUILD_LOG := build/pip-install.log
 
 venv: $(VENV)/.requirements-installed
 
-$(VENV)/.requirements-installed: requirements.txt
+$(VENV)/.requirements-installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # The whole compiler output goes to $(BUILD_LOG); on failure its end is shown and make fails.
