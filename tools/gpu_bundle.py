@@ -9,7 +9,7 @@ machines' torch, so that a lease spends no minutes compiling.
 The bundle is `_C.abi3.so` (Python's stable ABI: _C uses only PyModule_Create, so one build loads
 in the GPU image's CPython 3.12 and in any CPython >= 3.10 here) with its `_build_config.json`, and
 `manifest.json`: the torch it was built against, the archs, and a fingerprint of the sources that
-make the binary (csrc/ and setup.py). `install` accepts it only when the running torch is that
+make the binary (csrc/ but its CPU emulator, and setup.py). `install` accepts it only when the running torch is that
 torch and the fingerprint matches this tree; it then imports it in a fresh interpreter. Its one
 output line says what happened; exit 0 = in place and loaded, 3 = does not fit (build instead).
 """
@@ -36,6 +36,8 @@ def source_files(root: str) -> list:
     """The files the binary is built from, relative to `root`, sorted."""
     files = [os.path.join(root, "setup.py")]
     files += [p for p in glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True) if os.path.isfile(p)]
+    emulation = os.path.join(root, "csrc", "emulation") + os.sep  # the CPU emulator: not in the bundle
+    files = [p for p in files if not p.startswith(emulation)]
     return sorted(os.path.relpath(p, root) for p in files)
 
 
@@ -140,6 +142,7 @@ def build(args) -> int:
         os.environ,
         APKERNELS_CUDA="1",
         APKERNELS_PY_LIMITED_API="1",
+        APKERNELS_CUDA_EMULATION="0",
         TORCH_CUDA_ARCH_LIST=ARCH,
         MAX_JOBS=os.environ.get("MAX_JOBS", "1"),
     )
