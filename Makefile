@@ -12,6 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 export MAX_JOBS
+# The CUDA kernels also build for the CPU emulator (apkernels._C_emulated; tests/test_cuda_emulation.py).
+APKERNELS_CUDA_EMULATION ?= 1
+export APKERNELS_CUDA_EMULATION
 PYTEST_ARGS ?=
 THOROUGH_ARGS ?=
 
@@ -23,10 +26,11 @@ BUILD_LOG := build/pip-install.log
 
 venv: $(VENV)/.requirements-installed
 
-$(VENV)/.requirements-installed: requirements.txt
+$(VENV)/.requirements-installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # The whole compiler output goes to $(BUILD_LOG); on failure its end is shown and make fails.
@@ -63,3 +67,40 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info apkernels/_C*.so apkernels/_build_config.json $(BUILD_STAMP)
+
+# ---- The GPU machines' stack: torch 2.11.0 + triton 3.6.0 (README "Supported versions") ----------
+# A second venv on Python 3.12, the GPU image's, when this machine has one (else $(PYTHON)); pip's
+# cache makes a rebuild of it cheap. requirements-torch2.11.txt replaces torch/torchvision and caps numpy.
+VENV211 ?= .venv211
+PY211 := $(VENV211)/bin/python
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)) $(PYTHON))
+TESTS_TORCH211 ?= tests/test_patch_pool.py tests/test_token_pool.py tests/test_pool_backward.py \
+	tests/test_dan_spatial_pool.py tests/test_dan_head_fusion.py tests/test_api.py tests/test_triton_backend.py \
+	tests/test_cuda_build.py tests/test_registry.py tests/test_gpu_check_tools.py \
+	tests/test_models_apvit.py tests/test_models_dan.py tests/test_nn_dan.py
+
+.PHONY: venv211 gpu-bundle test-torch2.11 gpu-rehearse
+
+venv211: $(VENV211)/.requirements-installed
+
+$(VENV211)/.requirements-installed: requirements.txt requirements-torch2.11.txt
+	test -x $(PY211) || $(PYTHON312) -m venv $(VENV211)
+	$(PY211) -m pip install --quiet --upgrade pip
+	grep -v -E '^(torch|torchvision)==' requirements.txt | $(PY211) -m pip install --quiet -r /dev/stdin -r requirements-torch2.11.txt
+	touch $@
+
+# apkernels._C for sm_90 against torch 2.11, abi3 (loads in the GPU image's CPython 3.12), into
+# .gpu-bundle/ that a device call carries; reused while csrc/ and setup.py are unchanged.
+gpu-bundle: venv211
+	$(PY211) tools/gpu_bundle.py build
+
+# The op and model tests on torch 2.11 (CPU tensors, Triton interpreted), in a copy of the tree
+# under build/ with the bundle's build (its CPU kernels), so that .venv's in-place build stays.
+test-torch2.11: gpu-bundle
+	rm -rf build/torch2.11 && $(PY211) tools/gpu_bundle.py copy-tree build/torch2.11
+	cd build/torch2.11 && $(abspath $(PY211)) tools/gpu_bundle.py install --bundle $(CURDIR)/.gpu-bundle
+	cd build/torch2.11 && $(abspath $(PY211)) -m pytest $(TESTS_TORCH211) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# tools/gpu_check.sh on this machine without a GPU, in the torch 2.11 venv with the bundle.
+gpu-rehearse: gpu-bundle
+	tools/gpu_check.sh --rehearse

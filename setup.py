@@ -11,6 +11,9 @@ Switches (environment variables, flash-attention style):
   TORCH_CUDA_ARCH_LIST   CUDA archs (default: the visible GPU's, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs for ninja
   CUDA_HOME              CUDA toolkit root (default: found from nvcc on PATH, wrapper scripts too)
+  APKERNELS_PY_LIMITED_API=1
+                         build _C against Python's stable ABI (_C.abi3.so, loads in CPython >= 3.10):
+                         `make gpu-bundle` uses it to build here for a machine with another Python
 """
 import glob
 import json
@@ -140,8 +143,13 @@ def openmp_flags():
     return ["-fopenmp"] if result.returncode == 0 else []
 
 
+# _C uses only the limited C API (csrc/apkernels.cpp: PyModule_Create, no pybind11, no
+# libtorch_python), so one abi3 build serves every CPython >= 3.10; torch adds -DPy_LIMITED_API.
+PY_LIMITED_API = os.environ.get("APKERNELS_PY_LIMITED_API", "").strip() == "1"
+
+
 def extension():
-    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cpp_sources = sorted(f for f in glob.glob("csrc/**/*.cpp", recursive=True) if not f.startswith("csrc/emulation"))
     # Headers too, so that editing one relinks _C (ninja then recompiles only what includes it).
     headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     openmp = openmp_flags()
@@ -162,6 +170,7 @@ def extension():
             },
             extra_link_args=extra_link_args,
             depends=headers,
+            py_limited_api=PY_LIMITED_API,
         )
     return CppExtension(
         "apkernels._C",
@@ -171,7 +180,67 @@ def extension():
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=extra_link_args,
         depends=headers,
+        py_limited_api=PY_LIMITED_API,
     )
+
+
+# ---- CUDA emulation: apkernels._C_emulated (APKERNELS_CUDA_EMULATION=1; `make test` sets it) ----
+# The csrc/ops/cuda/*.cu sources compiled as host C++ (csrc/emulation/wrap_*.cpp) with
+# -fsanitize=thread instrumentation but without libtsan: the emulator runtime (compiled here
+# separately, uninstrumented) receives every load/store and checks it. See docs/cuda-kernels.md.
+# APKERNELS_EMULATION_COVERAGE=1 adds gcov instrumentation (docs/cuda-kernels.md, coverage).
+EMULATION_MUTANTS = {
+    # name: (source, text, mutated text) -- compiled as ops apkernels::<op>_cuda_mutant_<name>
+    "off_by_one": ("csrc/ops/cuda/patch_pool_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
+}
+
+
+def emulation_extension():
+    if os.environ.get("APKERNELS_CUDA_EMULATION", "0") != "1":
+        return None
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    out = os.path.join(ROOT, "build", "emulation")
+    os.makedirs(out, exist_ok=True)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    includes = [os.path.join(ROOT, "csrc")] + include_paths() + [sysconfig.get_paths()["include"]]
+    coverage = ["--coverage", "-fprofile-update=atomic"] if os.environ.get("APKERNELS_EMULATION_COVERAGE") == "1" else []
+    runtime_src = os.path.join(ROOT, "csrc", "emulation", "runtime.cpp")
+    runtime_obj = os.path.join(out, "runtime.o")
+    deps = [runtime_src, os.path.join(ROOT, "csrc", "emulation", "cuda_emulation.h")]
+    if not os.path.exists(runtime_obj) or os.path.getmtime(runtime_obj) < max(map(os.path.getmtime, deps)):
+        cmd = [os.environ.get("CXX", "c++"), "-O2", "-g", "-std=c++20", "-fPIC", abi, "-c", runtime_src, "-o", runtime_obj]
+        subprocess.check_call(cmd + [f"-I{d}" for d in includes])
+    sources = sorted(glob.glob("csrc/emulation/wrap_*.cpp"))
+    for name, (src, text, mutated) in EMULATION_MUTANTS.items():
+        with open(os.path.join(ROOT, src)) as fh:
+            code = fh.read()
+        if text not in code:  # the kernel changed: tests/test_cuda_emulation.py reports the missing mutant
+            continue
+        mutant = os.path.join("build", "emulation", f"mutant_{name}.cpp")
+        header = (
+            f'#define APK_EMU_OP_SUFFIX "_cuda_mutant_{name}"\n#include "emulation/cuda_emulation.h"\n'
+            "namespace apkernels::cuda {\nnamespace {\nAPK_EMU_DYNAMIC_SHARED(dyn_smem)\n}\n}\n"
+        )
+        new = header + code.replace(text, mutated)
+        if not os.path.exists(mutant) or open(mutant).read() != new:
+            with open(mutant, "w") as fh:
+                fh.write(new)
+        sources.append(mutant)
+    return CppExtension(
+        "apkernels._C_emulated",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "emulation", "shim"), os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O1", "-g", "-std=c++20", "-fsanitize=thread", "-fno-extern-tls-init", "-Wno-unknown-pragmas", abi] + coverage},
+        extra_objects=[runtime_obj],
+        extra_link_args=coverage,
+    )
+
+
+EMULATION_EXTENSION = emulation_extension()
 
 
 def build_config():
@@ -183,6 +252,7 @@ def build_config():
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPU") if WITH_CUDA else None,
         # "0" records a deliberate CPU-only build, so the build check does not demand CUDA kernels.
         "APKERNELS_CUDA": os.environ.get("APKERNELS_CUDA", "").strip() or "auto",
+        "python_abi": "abi3" if PY_LIMITED_API else sys.implementation.cache_tag,
     }
 
 
@@ -223,6 +293,7 @@ COMMANDS = [
     "apkernels-evaluate = apkernels.models.evaluate:command",
     "apkernels-predict = apkernels.models.predict:command",
     "apkernels-bench = apkernels.benchmarks.__main__:command",
+    "apkernels-export = apkernels.models.export:main",
 ]
 
 setup(
@@ -234,7 +305,7 @@ setup(
     packages=find_packages(include=["apkernels", "apkernels.*"]) + list(BUNDLED_PACKAGES),
     package_dir=BUNDLED_PACKAGES,
     entry_points={"console_scripts": COMMANDS},
-    ext_modules=[extension()],
+    ext_modules=[extension()] + ([EMULATION_EXTENSION] if EMULATION_EXTENSION else []),
     cmdclass={"build_ext": BuildExtensionKeepObjects},
     python_requires=">=3.10",
     # The torch _C is compiled against (without a local label such as +cu130), as torchvision pins.

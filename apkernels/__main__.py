@@ -8,7 +8,7 @@ import sys
 import torch
 
 import apkernels
-from apkernels import _backend, _extension
+from apkernels import _backend, _emulation, _extension
 
 
 def environment_report() -> list:
@@ -29,6 +29,7 @@ def environment_report() -> list:
         + (f"  (archs {cfg.get('cuda_archs')}, CUDA {cfg.get('cuda')})" if cfg.get("cuda") else ""),
         f"  Triton ops  : {', '.join(sorted(_backend.TRITON_OPS)) or 'none'}"
         + ("  (interpreter)" if _backend.triton_interpreter() else ""),
+        f"  CUDA emulation: {_emulation.status()}",
     ]
     if cfg and cfg.get("torch") != torch.__version__:
         lines.append(f"  WARNING: _C was built against torch {cfg.get('torch')}, running {torch.__version__}: rebuild")
@@ -99,8 +100,9 @@ def main(argv=None) -> None:
         for op, shape, call in demo_cases(device, args.batch):
             ref = call("reference")
             for backend in apkernels.available_backends(op, device):
-                if backend == "triton" and device == "cpu":
-                    print(f"{op:<18}{shape:<36}{device:<7}{backend:<10}{'-':>10}  skipped (interpreter: see tests)")
+                if backend in ("triton", "cuda") and device == "cpu":
+                    why = "interpreter" if backend == "triton" else "CUDA emulator"
+                    print(f"{op:<18}{shape:<36}{device:<7}{backend:<10}{'-':>10}  skipped ({why}: see tests)")
                     continue
                 out = call(backend)
                 ms = timing.time_fn(lambda: call(backend), device, reps=5).ms

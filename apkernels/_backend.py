@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import _extension, _library
+from . import _emulation, _extension, _library
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 ENV_VAR = "APKERNELS_BACKEND"
@@ -48,9 +48,22 @@ def _triton_reason(op: str, device: torch.device):
     return f"Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got {device}"
 
 
+def _cuda_reason(op: str, device: torch.device):
+    """The CUDA kernels: on CUDA tensors, or on CPU tensors from the emulation build."""
+    if device.type != "cpu":
+        return _native_reason("cuda")(op, device)
+    if _emulation.available(op):
+        return None  # the CUDA source on the CPU emulator (tests; "auto" never picks it)
+    why = _emulation.LOAD_ERROR or f"no emulated kernel for {op}"
+    return (
+        "the 'cuda' backend runs on CUDA tensors, or on CPU tensors with the CUDA emulation build "
+        f"(APKERNELS_CUDA_EMULATION=1: {why}), got {device}"
+    )
+
+
 # backend -> (op, device) -> None when it can run `op` on `device`, else why not.
 AVAILABILITY = {
-    "cuda": _native_reason("cuda"),
+    "cuda": _cuda_reason,
     "triton": _triton_reason,
     "cpu": _native_reason("cpu"),
     "reference": lambda op, device: None,
@@ -66,7 +79,11 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def op_suffix(backend: str, device: torch.device) -> str:
     """The suffix of the `torch.ops.apkernels` op that runs a resolved backend on `device`."""
-    return _library.TRITON_SUFFIX if backend == "triton" else ""
+    if backend == "triton":
+        return _library.TRITON_SUFFIX
+    if backend == "cuda" and device.type == "cpu":
+        return _library.EMULATED_SUFFIX
+    return ""
 
 
 def _unavailable_reason(op: str, backend: str, device: torch.device):
@@ -84,7 +101,7 @@ def available(op: str, backend: str, device) -> bool:
 def available_backends(op: str, device) -> list:
     """The concrete backends that can run `op` on `device`, fastest first."""
     device = torch.device(device)
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "triton", "reference")
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "triton", "cuda", "reference")
     return [b for b in order if available(op, b, device)]
 
 

@@ -10,6 +10,8 @@ Adding an op: one ``OpDef`` entry here, then its own files (see DEVELOPERS.md).
 """
 import dataclasses
 
+import importlib.util
+
 import torch
 
 
@@ -89,6 +91,11 @@ TRITON_SUFFIX = "_triton"
 # Every op exists once per suffix: "" (the compiled CPU / CUDA kernels, or the reference fallback)
 # and "_triton"; fake and autograd registrations (ops/_register.py) cover each.
 OP_SUFFIXES = ("", TRITON_SUFFIX)
+# The CUDA emulation build (apkernels._C_emulated, APKERNELS_CUDA_EMULATION=1) registers the CUDA
+# kernels for CPU tensors as "<op>_cuda_emulated" (apkernels/_emulation.py).
+EMULATED_SUFFIX = "_cuda_emulated"
+if importlib.util.find_spec(f"{__package__}._C_emulated") is not None:
+    OP_SUFFIXES += (EMULATED_SUFFIX,)
 
 LIB = torch.library.Library("apkernels", "DEF")
 for _op in OP_TABLE:

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 os.environ.setdefault("APKERNELS_QUIET", "1")
 
@@ -63,7 +64,22 @@ def parse_args(argv=None):
     models.add_argument("--models", dest="models", action="store_true", default=None, help="add the model rows")
     models.add_argument("--no-models", dest="models", action="store_false", help="skip the model rows")
     p.add_argument(
-        "--model-batch", type=int, help="batch of the model throughput rows (default 32 APViT / 64 DAN on CUDA, 4 on CPU)"
+        "--model-batch",
+        type=int,
+        nargs="+",
+        help="batch(es) of the model throughput rows (default 32 APViT / 64 DAN on CUDA, 4 on CPU)",
+    )
+    p.add_argument(
+        "--model-providers",
+        nargs="+",
+        default=list(model_bench.MODEL_PROVIDERS),
+        choices=list(model_bench.MODEL_PROVIDERS),
+        help="model providers (default all; a whole-model torch.compile takes a minute or more per row)",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        help="start no new row after this many seconds; the rows not run are listed as skipped (a time-boxed GPU run)",
     )
     p.add_argument("--tests-passed", type=int, help="recorded as tests.passed in the JSON")
     p.add_argument("--tests-failed", type=int, help="recorded as tests.failed in the JSON")
@@ -80,6 +96,7 @@ def choose_devices(choice: str) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s is not None else None
     devices = choose_devices(args.device)
     providers = list(args.providers)
     quick_skips = []
@@ -122,14 +139,29 @@ def main(argv=None) -> int:
         total=total, desc="ops", unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=not total
     ) as bar:
         for spec, batch, dtype, device in cases:
+            if deadline is not None and time.monotonic() > deadline:
+                skipped.append(
+                    {"op": spec.name, "device": device, "shapes": [spec.shape(batch)], "dtypes": [specs.dtype_name(dtype)],
+                     "reason": f"--deadline-s {args.deadline_s:g} reached"}
+                )
+                continue
             rows.extend(suite.run_case(spec, batch, dtype, device, config, progress=bar))
 
     run_models = args.models if args.models is not None else not args.quick
     model_rows = []
     if run_models:
         with tqdm(desc="models", unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=1.0) as bar:
-            model_rows, model_skipped = model_bench.run(run_devices, quick=args.quick, batch=args.model_batch, progress=bar)
-        skipped.extend(model_skipped)
+            for model_batch in args.model_batch or [None]:
+                batch_rows, model_skipped = model_bench.run(
+                    run_devices,
+                    quick=args.quick,
+                    batch=model_batch,
+                    progress=bar,
+                    providers=args.model_providers,
+                    deadline=deadline,
+                )
+                model_rows.extend(batch_rows)
+                skipped.extend(model_skipped)
         rows.extend(model_rows)
     elif args.models is None:
         skipped.append({"op": "models", "reason": "--quick: model rows are off (add --models)"})

@@ -14,6 +14,7 @@ runs) is APViT with one IR unit per stage, width 32, 2 heads, on 32 x 32 images 
 12 patches kept), and DAN on 32 x 32 images.
 """
 import dataclasses
+import time
 
 import torch
 import torch.nn.functional as F
@@ -187,10 +188,11 @@ def fill_speedups(rows) -> None:
             r["speedup_vs_compile"] = base["compile"] / r["ms"] if "compile" in base else None
 
 
-def run(devices, quick: bool = False, batch: int | None = None, progress=None):
+def run(devices, quick: bool = False, batch: int | None = None, progress=None, providers=MODEL_PROVIDERS, deadline=None):
     """Model rows for every device in `devices`, and the skipped cases with their reason.
     quick: the tiny models at B=2; else the paper models at `batch` (default 32 APViT / 64 DAN
-    on CUDA, 4 on the CPU, where a paper-size step takes seconds)."""
+    on CUDA, 4 on the CPU, where a paper-size step takes seconds). Only `providers` run (the
+    latency rows by their provider's kind); no case starts after `deadline` (time.monotonic())."""
     rows, skipped = [], []
     for device in devices:
         is_cuda = torch.device(device).type == "cuda"
@@ -198,7 +200,11 @@ def run(devices, quick: bool = False, batch: int | None = None, progress=None):
         b = batch
         reps = 3 if quick or not is_cuda else 20
         for case in cases(device, size, b):
+            if case.provider.split("-")[0] not in providers:
+                continue
             why = case.unavailable()
+            if why is None and deadline is not None and time.monotonic() > deadline:
+                why = "the run's deadline (--deadline-s) was reached"
             if why is not None:
                 skipped.append({"op": case.model, "device": device, "provider": case.provider, "reason": why})
                 continue

@@ -256,12 +256,15 @@ def format_skipped(skipped) -> str:
 
 # ------------------------------------------------------------------------------------- metadata
 def git_sha() -> str | None:
+    """HEAD's commit; else APKERNELS_GIT_SHA (a copy of the tree without .git, sent to a GPU machine)."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("APKERNELS_GIT_SHA") or None
 
 
 def device_label(devices) -> str:

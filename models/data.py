@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 DATASETS = ("rafdb", "affectnet", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -61,13 +62,32 @@ class Sample:
     label: int  # index into the model's classes
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, upright: EXIF orientation applied, transparency composited on white, 16-bit and
+    float greyscale scaled to 0-255 (PIL's convert("RGB") would clip them to white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 1.0 / 257.0 if img.mode.startswith("I;16") or (values.size and values.max() > 255) else 1.0
+        img = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
-    """RGB PIL image; a missing or unreadable file raises naming the file."""
+    """RGB PIL image (see `to_rgb`); a missing or unreadable file raises naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
+            img.load()  # forces the full decode, so corrupt data fails here
+            return to_rgb(img)
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
         raise RuntimeError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 

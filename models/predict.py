@@ -3,11 +3,16 @@
     python -m models.predict --model dan --checkpoint rafdb_epoch21_acc0.897_bacc0.8275.pth \\
         faces/ extra.jpg --json predictions.json --attention-out overlays/
 
-Images go through exactly the evaluation transform, in batches. One JSON object per image,
-{"path", "label", "probabilities": {class: p}}, is printed (one per line) in input order (a directory
-expands to its images, sorted, recursively), and --json writes them as one list.
---attention-out DIR writes a PNG per image: APViT the patches kept by patch pooling and the tokens
-left after the last token pooling; DAN each head's spatial attention map.
+Every face in each photo is detected and aligned to the model's input (APViT: 5-landmark similarity
+transform onto its 112 x 112 template; DAN: square crop at 224 x 224), then classified. One JSON
+object per face, {"path", "face", "box", "detector_score", "landmarks", "label", "probabilities":
+{class: p}}, is printed (one per line) in input order (a directory expands to its images, sorted,
+recursively); a photo without a face gives {"path", ..., "label": null, "status": "no face found"}.
+--json writes them as one list; --annotate DIR writes each photo with boxes, labels and attention.
+--no-detect: the inputs are face crops; one object {"path", "label", "probabilities"} per image,
+through exactly the evaluation transform, in batches.
+--attention-out DIR writes a PNG per image (per face when detecting): APViT the patches kept by patch
+pooling and the tokens left after the last token pooling; DAN each head's spatial attention map.
 """
 from __future__ import annotations
 
@@ -31,6 +36,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT", help="write the predictions here as a JSON list")
     p.add_argument("--attention-out", default=None, metavar="DIR", help="write attention overlay PNGs here")
+    faces_group = p.add_argument_group("faces in photos (default: detect and align every face)")
+    faces_group.add_argument("--no-detect", action="store_true",
+                             help="the inputs are face crops: classify each whole image (no detection)")
+    faces_group.add_argument("--detector", default="mtcnn", choices=("mtcnn", "haar"),
+                             help="mtcnn (facenet-pytorch, 5 landmarks; default) or haar (OpenCV < 5, boxes only)")
+    faces_group.add_argument("--detector-threshold", type=float, default=0.9, metavar="P",
+                             help="MTCNN's minimum face probability (default 0.9)")
+    faces_group.add_argument("--min-face-size", type=int, default=20, metavar="PIXELS",
+                             help="smallest face side to detect (default 20)")
+    faces_group.add_argument("--annotate", default=None, metavar="DIR",
+                             help="write each photo with boxes, labels and the attention over each face here")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     return p.parse_args(argv)
 
@@ -68,12 +84,22 @@ def _overlay_name(index: int, path: str) -> str:
     return f"{index:05d}_{stem}_attention.png"  # the index keeps equal stems from different folders apart
 
 
-@torch.no_grad()
-def predict(args) -> list[dict]:
+def load_model(args):
+    """(device, model in eval mode) from the checkpoint options."""
     device = cli.resolve_device(args.device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     model = checkpoint.load_for_inference(args.model, args.checkpoint, device, classes, json.loads(args.model_kwargs),
-                                      args.input_size)
+                                          args.input_size)
+    return device, model
+
+
+@torch.no_grad()
+def predict(args) -> list[dict]:
+    if not args.no_detect:
+        from .face_predict import predict_faces
+
+        return predict_faces(args)
+    device, model = load_model(args)
     classes = list(model.classes)
     paths = expand_inputs(args.inputs)
     loader = DataLoader(_Images(paths, recipes.eval_transform(model)), batch_size=args.batch_size,

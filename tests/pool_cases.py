@@ -4,12 +4,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from apkernels import _backend
 from tests.utils import TOL, backend_params, dtypes_for, interpreted, small_ints
 
 
-def op_for(name: str, backend: str):
-    """The op a backend runs: `<name>_triton` for Triton, the native op (CPU/CUDA kernels) otherwise."""
-    return getattr(torch.ops.apkernels, name + ("_triton" if backend == "triton" else ""))
+def op_for(name: str, backend: str, device):
+    """The op a backend runs on `device`: `<name>_triton` for Triton, the native op (CPU/CUDA
+    kernels) otherwise; "cuda" on CPU tensors is the emulated CUDA build `<name>_cuda_emulated`."""
+    return getattr(torch.ops.apkernels, name + _backend.op_suffix(backend, torch.device(device)))
 
 
 def assert_close(actual, expected, dtype):

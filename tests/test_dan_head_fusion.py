@@ -5,7 +5,7 @@ import torch
 from torch.library import opcheck
 
 import apkernels
-from apkernels import reference
+from apkernels import _backend, reference
 from tests.utils import TOL, backend_params, dtypes_for, interpreted
 
 OP = "dan_head_fusion"
@@ -34,8 +34,9 @@ def make_inputs(shape, dtype, device, seed=0):
     return g.to(device=device, dtype=dtype), a.to(device=device, dtype=dtype)
 
 
-def op_for(backend, backward=False):
-    return getattr(torch.ops.apkernels, OP + ("_backward" if backward else "") + ("_triton" if backend == "triton" else ""))
+def op_for(device, backend, backward=False):
+    suffix = _backend.op_suffix(backend, torch.device(device))  # "cuda" on CPU tensors: the emulated build
+    return getattr(torch.ops.apkernels, OP + ("_backward" if backward else "") + suffix)
 
 
 def assert_close_scaled(actual, expected, dtype):
@@ -81,14 +82,14 @@ def test_strided_inputs_and_grads(device, backend):
         g = torch.randn(B, C, M, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)  # channel stride M
         a = torch.randn(M, B, 2 * C, generator=gen).to(device=device, dtype=dtype).transpose(0, 1)[:, :, ::2]
         assert not g.is_contiguous() and not a.is_contiguous()
-        fused, heads = op_for(backend)(g, a)
+        fused, heads = op_for(device, backend)(g, a)
         ef, eh = reference.dan_head_fusion(g.double(), a.double())
         assert_close_scaled(fused, ef, dtype)
         assert_close_scaled(heads, eh, dtype)
         # fused.sum() hands over a stride-0 grad_fused; heads a transposed grad.
         gf = torch.ones(1, 1, device=device, dtype=dtype).expand(B, C)
         gh = torch.randn(B, C, M, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
-        dg, da = op_for(backend, backward=True)(gf, gh, g, a, heads)
+        dg, da = op_for(device, backend, backward=True)(gf, gh, g, a, heads)
         edg, eda = reference.dan_head_fusion_backward(gf.double(), gh.double(), g.double(), a.double(), eh)
         assert dg.is_contiguous() and da.is_contiguous()
         assert_close_scaled(dg, edg, dtype)
@@ -100,7 +101,7 @@ def test_extreme_logits(device, backend):
     """Saturated sigmoids and heads far apart: no overflow, matches the reference."""
     g = torch.tensor([[[50.0, -50.0, 0.0, 1.0], [-50.0, 50.0, 0.0, 1.0]]], device=device)
     a = torch.tensor([[[100.0, -100.0, 30.0, -30.0], [-100.0, 100.0, -30.0, 30.0]]], device=device)
-    fused, heads = op_for(backend)(g, a)
+    fused, heads = op_for(device, backend)(g, a)
     ef, eh = reference.dan_head_fusion(g.double(), a.double())
     assert torch.isfinite(heads).all()
     assert_close_scaled(fused, ef, torch.float32)
@@ -113,11 +114,11 @@ def test_deterministic(device, backend):
     g, a = make_inputs(shape, torch.float32, device, seed=5)
     gf = torch.randn(shape[0], shape[2], device=device)
     gh = torch.randn(shape, device=device)
-    f1, h1 = op_for(backend)(g, a)
-    f2, h2 = op_for(backend)(g, a)
+    f1, h1 = op_for(device, backend)(g, a)
+    f2, h2 = op_for(device, backend)(g, a)
     assert torch.equal(f1, f2) and torch.equal(h1, h2)
-    b1 = op_for(backend, backward=True)(gf, gh, g, a, h1)
-    b2 = op_for(backend, backward=True)(gf, gh, g, a, h1)
+    b1 = op_for(device, backend, backward=True)(gf, gh, g, a, h1)
+    b2 = op_for(device, backend, backward=True)(gf, gh, g, a, h1)
     assert all(torch.equal(x, y) for x, y in zip(b1, b2))
 
 
@@ -135,9 +136,9 @@ def test_gradcheck_fp64(device, backend, heads):
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_opcheck(device, backend):
     g, a = make_inputs((2, 3, 6), torch.float32, device, seed=9)
-    fused, heads = op_for(backend)(g, a)
-    opcheck(op_for(backend).default, (g.requires_grad_(), a.requires_grad_()))
-    opcheck(op_for(backend, backward=True).default,
+    fused, heads = op_for(device, backend)(g, a)
+    opcheck(op_for(device, backend).default, (g.requires_grad_(), a.requires_grad_()))
+    opcheck(op_for(device, backend, backward=True).default,
             (torch.randn_like(fused), torch.randn_like(heads), g.detach(), a.detach(), heads))
 
 
@@ -176,9 +177,9 @@ def test_bad_arguments(device, backend):
             apkernels.dan_head_fusion(*args, backend=backend)
         if backend in ("cpu", "cuda"):  # the compiled kernels check direct op calls too
             with pytest.raises(ValueError, match=message):
-                op_for(backend)(*args)
+                op_for(device, backend)(*args)
     if backend in ("cpu", "cuda"):
-        bwd = op_for(backend, backward=True)
+        bwd = op_for(device, backend, backward=True)
         with pytest.raises(ValueError, match="grad_fused must have shape"):
             bwd(torch.randn(2, 4, device=device), g, g, a, g)
         with pytest.raises(ValueError, match="grad_heads must have the shape"):

@@ -5,7 +5,7 @@ import torch
 from torch.library import opcheck
 
 import apkernels
-from apkernels import reference
+from apkernels import _backend, reference
 from tests.utils import TOL, backend_params, dtypes_for, interpreted
 
 OP = "dan_spatial_pool"
@@ -34,12 +34,13 @@ def make_inputs(shape, dtype, device, seed=0):
     return x.to(device=device, dtype=dtype), z.to(device=device, dtype=dtype)
 
 
-def op_for(backend):
-    return getattr(torch.ops.apkernels, OP + ("_triton" if backend == "triton" else ""))
+def op_for(device, backend):
+    # "cuda" on CPU tensors: the emulated CUDA build
+    return getattr(torch.ops.apkernels, OP + _backend.op_suffix(backend, torch.device(device)))
 
 
-def backward_op_for(backend):
-    return getattr(torch.ops.apkernels, OP + "_backward" + ("_triton" if backend == "triton" else ""))
+def backward_op_for(device, backend):
+    return getattr(torch.ops.apkernels, OP + "_backward" + _backend.op_suffix(backend, torch.device(device)))
 
 
 def assert_close_scaled(actual, expected, bound, dtype):
@@ -98,7 +99,7 @@ def test_strided_inputs_and_grads(device, backend):
             # A stride-0 (expanded) and a transposed grad_g, as autograd may hand them over.
             for gg in (torch.ones(1, 1, 1, device=device, dtype=dtype).expand(B, M, C),
                        torch.randn(B, C, M, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)):
-                gx, gz = backward_op_for(backend)(gg, x, z)
+                gx, gz = backward_op_for(device, backend)(gg, x, z)
                 ex, ez, bx, bz = expected_backward(gg, x, z)
                 assert gx.is_contiguous() and gz.is_contiguous()
                 assert_close_scaled(gx, ex, bx, dtype)
@@ -110,8 +111,8 @@ def test_deterministic(device, backend):
     shape = TINY[1] if interpreted(device, backend) else PAPER
     x, z = make_inputs(shape, torch.float32, device, seed=5)
     gg = torch.randn(shape[0], shape[1], shape[2], device=device)
-    first = (op_for(backend)(x, z), *backward_op_for(backend)(gg, x, z))
-    second = (op_for(backend)(x, z), *backward_op_for(backend)(gg, x, z))
+    first = (op_for(device, backend)(x, z), *backward_op_for(device, backend)(gg, x, z))
+    second = (op_for(device, backend)(x, z), *backward_op_for(device, backend)(gg, x, z))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -150,8 +151,8 @@ def test_gradcheck_fp64(device, backend):
 def test_opcheck(device, backend):
     x, z = make_inputs((2, 2, 5, 3, 2, 3), torch.float32, device, seed=9)
     gg = torch.randn(2, 2, 5, device=device)
-    opcheck(op_for(backend).default, (x.requires_grad_(), z.requires_grad_()))
-    opcheck(backward_op_for(backend).default, (gg, x.detach(), z.detach()))
+    opcheck(op_for(device, backend).default, (x.requires_grad_(), z.requires_grad_()))
+    opcheck(backward_op_for(device, backend).default, (gg, x.detach(), z.detach()))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
@@ -193,9 +194,9 @@ def test_bad_arguments(device, backend):
             apkernels.dan_spatial_pool(*args, backend=backend)
         if backend in ("cpu", "cuda"):  # the compiled kernels check direct op calls too
             with pytest.raises(ValueError, match=message):
-                op_for(backend)(*args)
+                op_for(device, backend)(*args)
     if backend in ("cpu", "cuda"):
         with pytest.raises(ValueError, match="grad_g must have shape"):
-            backward_op_for(backend)(torch.randn(2, 2, 3, device=device), x, z)
+            backward_op_for(device, backend)(torch.randn(2, 2, 3, device=device), x, z)
         with pytest.raises(ValueError, match="grad_g must have the same dtype"):
-            backward_op_for(backend)(torch.randn(2, 2, 4, device=device).double(), x, z)
+            backward_op_for(device, backend)(torch.randn(2, 2, 4, device=device).double(), x, z)

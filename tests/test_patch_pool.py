@@ -137,7 +137,7 @@ def test_opcheck(device, backend):
     x = torch.randn(2, 6, 3, 5, generator=g).to(device).requires_grad_()
     xc = torch.randn(2, 6, 3, 5, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     pos = torch.randn(15, 6, generator=g).to(device).requires_grad_()
-    op = op_for("patch_pool", backend)
+    op = op_for("patch_pool", backend, device)
     for args in ((x, 4, pos[None], "sum_abs"), (xc, 15, None, "max")):
         opcheck(op.default, args)
 
@@ -181,7 +181,7 @@ def _bad_patch_args(device):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_bad_arguments_name_the_argument(device, backend):
     """Called directly (no Python validation in front), the kernel itself rejects bad arguments."""
-    op = op_for("patch_pool", backend)
+    op = op_for("patch_pool", backend, device)
     for args, message in _bad_patch_args(device):
         with pytest.raises(ValueError, match=message):
             op(*args)

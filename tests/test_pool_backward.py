@@ -31,7 +31,7 @@ def test_matches_reference(device, backend, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     index = unique_index(B, K, num_rows, g, device)
     grad = torch.randn(B, K, C, generator=g).to(device=device, dtype=dtype)
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     for reduce_batch in (True, False):
         rows, total = op(grad, index, num_rows, reduce_batch)
         ref_rows, ref_total = reference.pool_backward(grad, index, num_rows, reduce_batch)
@@ -51,7 +51,7 @@ def test_non_contiguous_inputs_and_unsorted_index(device, backend):
         torch.randn(1, 1, C, generator=g).to(device).expand(B, K, C),  # what .sum() sends back
         torch.randn(B, 2 * K, C + 3, generator=g).to(device)[:, ::2, 1:-2],
     ]
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     for grad in grads:
         for idx in (index, index.t().contiguous().t()):
             rows, total = op(grad, idx, num_rows, True)
@@ -65,7 +65,7 @@ def test_batch_sum_is_deterministic(device, backend):
     g = torch.Generator().manual_seed(2)
     index = unique_index(16, 40, 50, g, device)
     grad = torch.randn(16, 40, 33, generator=g).to(device)
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     first = op(grad, index, 50, True)[1]
     for _ in range(3):
         assert torch.equal(op(grad, index, 50, True)[1], first)
@@ -75,14 +75,14 @@ def test_batch_sum_is_deterministic(device, backend):
 def test_opcheck(device, backend):
     g = torch.Generator().manual_seed(3)
     grad, index = torch.randn(2, 4, 6, generator=g).to(device), unique_index(2, 4, 9, g, device)
-    opcheck(op_for("pool_backward", backend).default, (grad, index, 9, True))
+    opcheck(op_for("pool_backward", backend, device).default, (grad, index, 9, True))
     full = torch.arange(4, device=device).repeat(2, 1)  # K == num_rows
-    opcheck(op_for("pool_backward", backend).default, (grad, full, 4, False))
+    opcheck(op_for("pool_backward", backend, device).default, (grad, full, 4, False))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_bad_arguments_name_the_argument(device, backend):
-    op = op_for("pool_backward", backend)
+    op = op_for("pool_backward", backend, device)
     grad = torch.randn(2, 3, 4, device=device)
     index = torch.tensor([[0, 1, 2], [1, 2, 4]], device=device)
     cases = [
@@ -109,8 +109,8 @@ CONTRACT_BACKENDS = [p for p in BACKENDS if p.values[1] is not None] + [
 ]
 
 
-def contract_op(backend):
-    return reference.pool_backward if backend == "reference" else op_for("pool_backward", backend)
+def contract_op(backend, device):
+    return reference.pool_backward if backend == "reference" else op_for("pool_backward", backend, device)
 
 
 def scatter_add_by_hand(grad, index, num_rows):
@@ -125,7 +125,7 @@ def scatter_add_by_hand(grad, index, num_rows):
 
 @pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
 def test_contract_repeated_indices_accumulate(device, backend):
-    op = contract_op(backend)
+    op = contract_op(backend, device)
     index = torch.tensor([[2, 0, 2, 2, 1], [0, 0, 0, 0, 0], [4, 3, 2, 1, 0]], device=device)
     for dtype in dtypes_for(backend if backend != "reference" else "cpu"):
         grad = small_ints(3, 5, 7, dtype=dtype, device=device, generator=torch.Generator().manual_seed(4))
@@ -138,7 +138,7 @@ def test_contract_repeated_indices_accumulate(device, backend):
 
 @pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
 def test_contract_sums_in_ascending_j_deterministically(device, backend):
-    op = contract_op(backend)
+    op = contract_op(backend, device)
     # With big = 2^24 in fp32 accumulation, (big + 1) - big is 0 but (big - big) + 1 is 1: the
     # result shows the summation order. Row 1 gets j = 0, 2, 3 (big, 1, -big) -> 0.
     dtypes = [d for d in dtypes_for(backend if backend != "reference" else "cpu") if d != torch.float16]
@@ -155,7 +155,7 @@ def test_contract_sums_in_ascending_j_deterministically(device, backend):
 
 @pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
 def test_contract_out_of_range_index_is_a_runtime_error(device, backend):
-    op = contract_op(backend)
+    op = contract_op(backend, device)
     grad = torch.randn(2, 3, 4, device=device)
     for bad in (5, -1):
         index = torch.tensor([[0, 1, 2], [1, bad, 4]], device=device)
@@ -167,7 +167,7 @@ def test_contract_out_of_range_index_is_a_runtime_error(device, backend):
 
 @pytest.mark.parametrize("device,backend", CONTRACT_BACKENDS)
 def test_contract_empty_inputs(device, backend):
-    op = contract_op(backend)
+    op = contract_op(backend, device)
     cases = [  # (B, K, C, num_rows)
         (2, 0, 3, 5),  # nothing kept: zero rows
         (0, 4, 3, 5),  # an empty batch
@@ -213,6 +213,6 @@ def test_native_repeated_rows_round_once(device, backend, dtype):
         index[1] = torch.arange(K) % 3  # every hit row repeated, rows 3.. untouched
         index = index.to(device)
         expected = sequential_scatter_add(grad, index.cpu(), num_rows)
-        rows, total = op_for("pool_backward", backend)(grad, index, num_rows, True)
+        rows, total = op_for("pool_backward", backend, device)(grad, index, num_rows, True)
         assert torch.equal(rows.cpu(), expected)
         assert_close(total.cpu(), expected.double().sum(0).to(dtype), dtype)

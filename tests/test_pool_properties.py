@@ -107,7 +107,7 @@ def test_pool_backward_properties(device, backend):
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
         index = torch.stack([torch.randperm(num_rows, generator=g)[:K] for _ in range(B)]).to(device)
         grad = torch.randn(B, K, C, generator=g).to(device=device, dtype=dtype)
-        rows, total = op_for("pool_backward", backend)(grad, index, num_rows, reduce_batch)
+        rows, total = op_for("pool_backward", backend, device)(grad, index, num_rows, reduce_batch)
         ref_rows, ref_total = reference.pool_backward(grad, index, num_rows, reduce_batch)
         assert torch.equal(rows, ref_rows)
         assert total.shape == ref_total.shape

@@ -125,8 +125,8 @@ def test_opcheck(device, backend):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 7, 5, generator=g).to(device).requires_grad_()
     qkv = torch.randn(2, 7, 3, 2, 4, generator=g).to(device).permute(2, 0, 3, 1, 4)
-    opcheck(op_for("token_pool", backend).default, (x, qkv[0], qkv[1], 3, 0.5, "sum"))
-    opcheck(op_for("token_pool", backend).default, (x, qkv[0].contiguous(), qkv[1].contiguous(), 6, 0.5, "max"))
+    opcheck(op_for("token_pool", backend, device).default, (x, qkv[0], qkv[1], 3, 0.5, "sum"))
+    opcheck(op_for("token_pool", backend, device).default, (x, qkv[0].contiguous(), qkv[1].contiguous(), 6, 0.5, "max"))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -152,7 +152,7 @@ def test_compile_fullgraph(device, backend):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_bad_arguments_name_the_argument(device, backend):
     """Called directly (no Python validation in front), the kernel itself rejects bad arguments."""
-    op = op_for("token_pool", backend)
+    op = op_for("token_pool", backend, device)
     x, q = torch.randn(2, 5, 8, device=device), torch.randn(2, 2, 5, 4, device=device)
     cases = [
         ((x[0], q, q, 2, 0.5, "sum"), "x must be 3-D"),

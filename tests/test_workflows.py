@@ -290,7 +290,8 @@ def test_predict_matches_evaluate(raf, apvit_run, tmp_path):
     truth = raf_truth(raf, "test")
     paths = [p for p, _ in truth][::-1]  # predict keeps the input order, whatever it is
     preds = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu", "--batch-size", "3",
-                          "--json", str(tmp_path / "p.json"), "--attention-out", str(tmp_path / "att"), *paths])
+                          "--no-detect", "--json", str(tmp_path / "p.json"), "--attention-out", str(tmp_path / "att"),
+                          *paths])
     assert json.loads((tmp_path / "p.json").read_text()) == preds
     assert [p["path"] for p in preds] == paths
     names = dict(truth)
@@ -304,7 +305,7 @@ def test_predict_matches_evaluate(raf, apvit_run, tmp_path):
     assert len(overlays) == len(paths) and overlays[0] == "00000_test_00008_aligned_attention.png"
     assert Image.open(tmp_path / "att" / overlays[0]).size == (2 * 224, 224 + 16)
     # A directory expands to its images, sorted.
-    listed = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu",
+    listed = predict.main(["--model", "apvit", "--checkpoint", ckpt, "--device", "cpu", "--no-detect",
                            str(raf / "Image" / "aligned")])
     assert [p["path"] for p in listed] == sorted(p for p, _ in raf_truth(raf, "train") + truth)
 
@@ -354,7 +355,7 @@ def test_dan_train_official_checkpoint_and_attention(raf, tmp_path, capsys):
 
     images = [p for p, _ in raf_truth(raf, "test")][:2]
     preds = predict.main(["--model", "dan", "--checkpoint", str(official), "--input-size", "32", "--device", "cpu",
-                          "--attention-out", str(tmp_path / "att"), *images])
+                          "--no-detect", "--attention-out", str(tmp_path / "att"), *images])
     assert [p["path"] for p in preds] == images and list(preds[0]["probabilities"]) == list(DAN_RAFDB_CLASSES)
     overlays = sorted(os.listdir(tmp_path / "att"))
     assert len(overlays) == 2 and Image.open(tmp_path / "att" / overlays[0]).size == (4 * 224, 224 + 16)

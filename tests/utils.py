@@ -34,6 +34,7 @@ def small_ints(*shape, dtype=torch.float32, device="cpu", low=-4, high=5, genera
 
 
 def interpreted(device, backend) -> bool:
-    """True when `backend` runs in the Triton interpreter (CPU tensors): slow, so tests give it
-    small shapes only and leave the paper-scale grid to the compiled backends."""
-    return backend == "triton" and torch.device(device).type == "cpu"
+    """True when `backend` runs interpreted or emulated on CPU tensors (the Triton interpreter, the
+    CUDA emulator): slow, so tests give it small shapes only and leave the paper-scale grid to the
+    compiled backends."""
+    return backend in ("triton", "cuda") and torch.device(device).type == "cpu"

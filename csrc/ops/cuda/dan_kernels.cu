@@ -225,7 +225,7 @@ at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, 
   const int64_t blocks = B * M * tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * heads * ceil(H * W / 32) = ",
               blocks, " blocks exceed the CUDA grid limit");
-  channel_reduce_kernel<kRelu, scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kReduceWarps), 0, stream>>>(
+  APK_LAUNCH(static_cast<unsigned>(blocks), dim3(kWarp, kReduceWarps), 0, stream, channel_reduce_kernel<kRelu, scalar_t, acc_t>)(
       in.const_data_ptr<scalar_t>(), view_of(in), w ? w->const_data_ptr<scalar_t>() : nullptr,
       w ? view3_of(*w) : View3{0, 0, 0}, M, K, W, P, tiles, divisor, out.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -233,7 +233,7 @@ at::Tensor channel_reduce(const at::Tensor& in, const at::Tensor* w, int64_t B, 
 }
 
 at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
-  const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, c10::DeviceType::CUDA);
+  const dan::PoolDims d = dan::check_spatial_pool("dan_spatial_pool", x, z, APK_CUDA_DEVICE_TYPE);
   check_cuda_float("dan_spatial_pool", "x", x);
   TORCH_CHECK_VALUE(d.P <= INT32_MAX, "dan_spatial_pool: the CUDA kernel takes at most 2^31-1 positions H*W, got ",
                     d.P);
@@ -249,7 +249,7 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
     const int64_t blocks = (d.B * d.C + kPoolWarps - 1) / kPoolWarps;
     TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dan_spatial_pool: B * C = ", d.B * d.C,
                 " exceeds the CUDA grid limit");
-    pool_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(blocks), dim3(kWarp, kPoolWarps), 0, stream, pool_kernel<scalar_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), view_of(x), s.const_data_ptr<acc_t>(), d.B, d.C, d.M,
         Divider<uint32_t>(static_cast<uint32_t>(d.W)), static_cast<uint32_t>(d.P), g.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -260,7 +260,7 @@ at::Tensor dan_spatial_pool_cuda(const at::Tensor& x, const at::Tensor& z) {
 std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tensor& grad_g, const at::Tensor& x,
                                                                   const at::Tensor& z) {
   const char* op = "dan_spatial_pool_backward";
-  const dan::PoolDims d = dan::check_spatial_pool(op, x, z, c10::DeviceType::CUDA);
+  const dan::PoolDims d = dan::check_spatial_pool(op, x, z, APK_CUDA_DEVICE_TYPE);
   check_cuda_float(op, "x", x);
   dan::check_spatial_pool_grad(op, grad_g, x, d);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
     dispatch_index_type(nx, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       const auto div = [](int64_t v) { return Divider<index_t>(static_cast<index_t>(v)); };
-      grad_x_kernel<scalar_t, acc_t, index_t><<<static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream>>>(
+      APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nx)), kThreads, 0, stream, grad_x_kernel<scalar_t, acc_t, index_t>)(
           grad_g.const_data_ptr<scalar_t>(), view3_of(grad_g), s.const_data_ptr<acc_t>(), div(d.C), div(d.P), d.M,
           d.P, static_cast<index_t>(nx), grad_x.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
     dispatch_index_type(nz, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       const auto div = [](int64_t v) { return Divider<index_t>(static_cast<index_t>(v)); };
-      grad_z_kernel<scalar_t, acc_t, index_t><<<static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream>>>(
+      APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(nz)), kThreads, 0, stream, grad_z_kernel<scalar_t, acc_t, index_t>)(
           z.const_data_ptr<scalar_t>(), view_of(z), t.const_data_ptr<acc_t>(), div(d.M), div(d.C2), div(d.W),
           div(d.P), d.P, static_cast<index_t>(nz), grad_z.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cuda(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, const at::Tensor& gate_logits) {
-  dan::check_head_fusion("dan_head_fusion", g, gate_logits, c10::DeviceType::CUDA);
+  dan::check_head_fusion("dan_head_fusion", g, gate_logits, APK_CUDA_DEVICE_TYPE);
   check_cuda_float("dan_head_fusion", "g", g);
   const c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -307,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_cuda(const at::Tensor& g, con
   if (B == 0) return {fused, heads};  // an empty batch: nothing to launch
   APK_DISPATCH_CUDA_FLOATS(g.scalar_type(), "dan_head_fusion_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    head_fusion_kernel<scalar_t, acc_t><<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream, head_fusion_kernel<scalar_t, acc_t>)(
         g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(), view3_of(gate_logits), B,
         M, C, fused.mutable_data_ptr<scalar_t>(), heads.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
                                                                  const at::Tensor& gate_logits,
                                                                  const at::Tensor& heads) {
   const char* op = "dan_head_fusion_backward";
-  dan::check_head_fusion(op, g, gate_logits, c10::DeviceType::CUDA);
+  dan::check_head_fusion(op, g, gate_logits, APK_CUDA_DEVICE_TYPE);
   check_cuda_float(op, "g", g);
   dan::check_head_fusion_grads(op, grad_fused, grad_heads, heads, g);
   const c10::cuda::CUDAGuard guard(g.device());
@@ -331,8 +331,8 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
   if (B == 0) return {grad_g, grad_gate};  // an empty batch: nothing to launch
   APK_DISPATCH_CUDA_FLOATS(g.scalar_type(), "dan_head_fusion_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    head_fusion_backward_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream>>>(
+    APK_LAUNCH(static_cast<unsigned>(elementwise_blocks(B * C)), kThreads, 0, stream,
+               head_fusion_backward_kernel<scalar_t, acc_t>)(
             grad_fused.const_data_ptr<scalar_t>(), view3_of(grad_fused), grad_heads.const_data_ptr<scalar_t>(),
             view3_of(grad_heads), g.const_data_ptr<scalar_t>(), view3_of(g), gate_logits.const_data_ptr<scalar_t>(),
             view3_of(gate_logits), heads.const_data_ptr<scalar_t>(), view3_of(heads), B, M, C,
@@ -345,9 +345,9 @@ std::tuple<at::Tensor, at::Tensor> dan_head_fusion_backward_cuda(const at::Tenso
 }  // namespace
 }  // namespace apkernels::cuda
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("dan_spatial_pool", &apkernels::cuda::dan_spatial_pool_cuda);
-  m.impl("dan_spatial_pool_backward", &apkernels::cuda::dan_spatial_pool_backward_cuda);
-  m.impl("dan_head_fusion", &apkernels::cuda::dan_head_fusion_cuda);
-  m.impl("dan_head_fusion_backward", &apkernels::cuda::dan_head_fusion_backward_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("dan_spatial_pool"), &apkernels::cuda::dan_spatial_pool_cuda);
+  m.impl(APK_CUDA_OP("dan_spatial_pool_backward"), &apkernels::cuda::dan_spatial_pool_backward_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion"), &apkernels::cuda::dan_head_fusion_cuda);
+  m.impl(APK_CUDA_OP("dan_head_fusion_backward"), &apkernels::cuda::dan_head_fusion_backward_cuda);
 }

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "ops/common.h"
+#include "ops/cuda/launch.cuh"
 
 namespace apkernels::cuda {
 
@@ -245,9 +246,10 @@ inline bool is_cuda_float(const at::Tensor& t) {
 }
 
 inline void check_cuda_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device().type() == APK_CUDA_DEVICE_TYPE, op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK_VALUE(is_cuda_float(t), op, ": ", name,
-                    " must be float16, bfloat16 or float32 on CUDA (float64 runs on the cpu and reference backends), got ",
+                    " must be a floating-point tensor of float16, bfloat16 or float32 on CUDA (float64 runs on the cpu ",
+                    "and reference backends), got ",
                     t.scalar_type());
 }
 

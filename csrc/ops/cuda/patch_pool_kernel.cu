@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
         workspace = at::empty({B, N}, x.options().dtype(at::kLong));
         keys_global = reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
       }
-      kernel<<<static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      APK_LAUNCH(static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream(), kernel)(
           x_ptr, pos_ptr, a, keys_global, tokens.mutable_data_ptr<scalar_t>(), index.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -362,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
   at::Tensor inv = at::empty({B, N}, grad_tokens.options().dtype(at::kInt));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t* index_ptr = index.const_data_ptr<int64_t>();
-  inverse_index_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(index_ptr, index.stride(0),
+  APK_LAUNCH(static_cast<unsigned>(B), kThreads, 0, stream, inverse_index_kernel)(index_ptr, index.stride(0),
                                                                            index.stride(1), K, N, inv.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -376,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
     const int64_t blocks = (units + threads - 1) / threads;
     TORCH_CHECK(blocks <= INT32_MAX, "pool_backward: num_rows * C too large for one launch: ", units);
     const dim3 grid(static_cast<unsigned>(blocks), reduce_batch ? 1u : static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-    scatter_rows_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+    APK_LAUNCH(grid, threads, 0, stream, scatter_rows_kernel<scalar_t>)(
         g, gsB, gsK, gsC, index_ptr, index.stride(0), index.stride(1), inv.const_data_ptr<int>(), B, K, N, C, vec,
         reduce_batch, rows.mutable_data_ptr<scalar_t>(), reduce_batch ? sum.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -387,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
 }  // namespace
 }  // namespace apkernels::cuda
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("patch_pool", &apkernels::cuda::patch_pool_cuda);
-  m.impl("pool_backward", &apkernels::cuda::pool_backward_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("patch_pool"), &apkernels::cuda::patch_pool_cuda);
+  m.impl(APK_CUDA_OP("pool_backward"), &apkernels::cuda::pool_backward_cuda);
 }

@@ -108,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
   TORCH_CHECK_VALUE(k.device() == x.device(), "token_pool: k must be on the same device as x (", x.device(), "), got ",
                     k.device());
   check_cuda_float("token_pool", "q", q);
-  check_cuda_float("token_pool", "k", k);
-  check_token_pool_shapes(x, q, k, keep, scale);
+  check_token_pool_shapes(x, q, k, keep, scale);  // before k's dtype: "k must have the same dtype as q"
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   TORCH_CHECK_VALUE(N <= kMaxTokens, "token_pool: the CUDA kernel takes at most 2^30 tokens, got N=", N);
   TORCH_CHECK_VALUE(B <= INT32_MAX, "token_pool: the CUDA kernel takes at most 2^31-1 images, got B=", B);
@@ -167,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
           workspace = at::empty({B, N - 1}, x.options().dtype(at::kLong));
           keys_global = reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
         }
-        kernel<<<static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        APK_LAUNCH(static_cast<unsigned>(B), kImageThreads, smem, at::cuda::getCurrentCUDAStream(), kernel)(
             x_ptr, q_ptr, k_ptr, a, keys_global, tokens.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -179,6 +178,6 @@ std::tuple<at::Tensor, at::Tensor> token_pool_cuda(const at::Tensor& x, const at
 }  // namespace
 }  // namespace apkernels::cuda
 
-TORCH_LIBRARY_IMPL(apkernels, CUDA, m) {
-  m.impl("token_pool", &apkernels::cuda::token_pool_cuda);
+APK_CUDA_LIBRARY_IMPL(m) {
+  m.impl(APK_CUDA_OP("token_pool"), &apkernels::cuda::token_pool_cuda);
 }

@@ -1,0 +1,226 @@
+"""The CUDA emulator (apkernels._C_emulated): the CUDA kernel sources run on the CPU.
+
+The op tests (test_<op>.py) already run every kernel against the reference through
+backend_params ("cuda-cpu" ids). Here: every __global__ is launched, the fallback paths that the
+op tests' shapes do not reach, the checks (each mutation of a kernel is reported), the counters,
+and the backend plumbing.
+"""
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import apkernels
+from apkernels import _emulation, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_SOURCES = sorted((ROOT / "csrc" / "ops" / "cuda").glob("*.cu*"))
+
+if os.environ.get("APKERNELS_CUDA_EMULATION") == "1":  # `make test` builds it: it must be there
+    assert _emulation._C_emulated is not None, f"APKERNELS_CUDA_EMULATION=1 but {_emulation.LOAD_ERROR}"
+pytestmark = pytest.mark.skipif(_emulation._C_emulated is None, reason=f"no emulation build ({_emulation.LOAD_ERROR})")
+
+emu = _emulation._C_emulated
+ops = torch.ops.apkernels
+
+
+def global_kernels():
+    """Names of every __global__ function in csrc/ops/cuda."""
+    names = set()
+    for path in CUDA_SOURCES:
+        text = path.read_text()
+        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", text):
+            names.add(m.group(1))
+    return names
+
+
+def launched(fn):
+    """Run fn() and return the kernel names it launched (template arguments dropped)."""
+    _emulation.reset_counters()
+    fn()
+    return [c["kernel"].split("<")[0].strip() for c in _emulation.counters()]
+
+
+def source_line(path_suffix, pattern, after=0):
+    """Line number (1-based) of the first line matching `pattern` in the CUDA source, plus `after`
+    lines down to the next line that contains the call the mutation targets."""
+    path = next(p for p in CUDA_SOURCES if p.name == path_suffix)
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if pattern in line:
+            return i + 1 + after
+    raise AssertionError(f"{pattern!r} not found in {path}: update this test with the kernel")
+
+
+def small_patch_case(channels_last=False, C=6, H=5, W=7, keep=9, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, C, H, W, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    pos = torch.randn(H * W, C, generator=g, dtype=dtype)
+    return x, keep, pos
+
+
+@pytest.fixture(autouse=True)
+def clean_emulator():
+    limit = emu.shared_memory_limit()
+    emu.set_mutation("", "", 0)
+    yield
+    emu.set_mutation("", "", 0)
+    emu.set_shared_memory_limit(limit)
+
+
+def run_every_op():
+    x, keep, pos = small_patch_case()
+    xr = x.clone().requires_grad_()
+    tokens, index = apkernels.patch_pool(xr, keep, pos, backend="cuda")
+    tokens.sum().backward()
+    xt = torch.randn(2, 9, 8)
+    q, k = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    apkernels.token_pool(xt, q, k, 4, scale=0.5, backend="cuda")
+    xd = torch.randn(2, 5, 3, 4, requires_grad=True)
+    zd = torch.randn(2, 3, 4, 3, 4, requires_grad=True)
+    apkernels.dan_spatial_pool(xd, zd, backend="cuda").sum().backward()
+    g = torch.randn(2, 3, 5, requires_grad=True)
+    a = torch.randn(2, 3, 5, requires_grad=True)
+    fused, heads = apkernels.dan_head_fusion(g, a, backend="cuda")
+    (fused.sum() + heads.sum()).backward()
+
+
+def test_every_global_kernel_runs():
+    names = global_kernels()
+    assert len(names) >= 9, names
+    ran = set(launched(run_every_op))
+    assert names <= ran, f"never launched under emulation: {sorted(names - ran)}"
+
+
+def test_every_op_has_an_emulated_kernel():
+    missing = [op for op in _emulation._library.SCHEMAS if not _emulation.available(op)]
+    assert not missing, f"the emulation build has no kernel for {missing}: a .cu file without its wrap_*.cpp?"
+
+
+def test_backend_plumbing():
+    for op in ("patch_pool", "token_pool", "pool_backward", "dan_spatial_pool", "dan_head_fusion"):
+        assert "cuda" in apkernels.available_backends(op, "cpu")
+    x, keep, pos = small_patch_case()
+    assert launched(lambda: apkernels.patch_pool(x, keep, pos)) == []  # "auto" never emulates
+    assert "patch_pool_kernel" in launched(lambda: apkernels.patch_pool(x, keep, pos, backend="cuda"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_patch_pool_keys_in_global_memory(channels_last):
+    """Selection keys that do not fit the shared memory live in a global workspace."""
+    # NCHW needs the transpose tiles (34816 bytes) in shared memory: make the keys alone too big.
+    C, H, W, limit = (2, 67, 67, 34816) if not channels_last else (6, 5, 7, 256)
+    x, _, pos = small_patch_case(channels_last, C=C, H=H, W=W, keep=3)
+    x = x[:1]
+    emu.set_shared_memory_limit(limit)
+    _emulation.reset_counters()
+    tokens, index = apkernels.patch_pool(x, 7, pos, backend="cuda")
+    (launch,) = _emulation.counters()
+    assert launch["dynamic_shared_bytes"] == (0 if channels_last else 34816)  # keys not in shared memory
+    ref_tokens, ref_index = reference.patch_pool(x, 7, pos, "sum_abs")
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(tokens, ref_tokens)
+
+
+def test_patch_pool_vector_loads_and_opt_in_shared_memory():
+    """channels_last x with C a multiple of the 16-byte pack: x rows and pos rows move as packs; 6400
+    positions: 51200 bytes of keys, above the 48 KB default (cudaFuncSetAttribute opt-in)."""
+    for H, W, keep in ((5, 7, 9), (80, 80, 5)):
+        x, _, pos = small_patch_case(True, C=8, H=H, W=W, keep=keep)
+        x = x[:1]
+        _emulation.reset_counters()
+        tokens, index = apkernels.patch_pool(x, keep, pos, backend="cuda")
+        assert _emulation.counters()[0]["dynamic_shared_bytes"] == (H * W * 8 if H * W > 1000 else 280)
+        ref_tokens, ref_index = reference.patch_pool(x, keep, pos, "sum_abs")
+        assert torch.equal(index, ref_index)
+        torch.testing.assert_close(tokens, ref_tokens)
+
+
+def test_token_pool_keys_in_global_memory():
+    x = torch.randn(2, 40, 8)
+    qkv = torch.randn(2, 40, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    emu.set_shared_memory_limit(64)
+    _emulation.reset_counters()
+    tokens, index = apkernels.token_pool(x, q, k, 5, scale=0.3, backend="cuda")
+    assert _emulation.counters()[0]["dynamic_shared_bytes"] == 0
+    ref_tokens, ref_index = reference.token_pool(x, q, k, 5, 0.3, "sum")
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(tokens, ref_tokens)
+
+
+# ---- the checks: mutated kernels are reported ----------------------------------------------------
+
+ERROR_NAMES = r"kernel .*block \(\d+,\d+,\d+\), thread \(\d+,\d+,\d+\)"
+
+
+def run_patch_pool(channels_last=False):
+    x, keep, pos = small_patch_case(channels_last)
+    apkernels.patch_pool(x, keep, pos, backend="cuda")
+
+
+def test_clean_kernels_report_nothing():
+    run_every_op()
+
+
+def test_removed_syncthreads_is_a_race():
+    # The barrier between clearing the selection histogram and the atomics that fill it.
+    line = source_line("helpers.cuh", "sh.hist[i] = 0u;", after=1)
+    emu.set_mutation("skip_syncthreads", "helpers.cuh", line)
+    with pytest.raises(RuntimeError, match="shared-memory data race in " + ERROR_NAMES + r".* at address 0x"):
+        run_patch_pool()
+    assert emu.mutation_hits() > 0
+
+
+def test_syncthreads_skipped_by_some_warps_is_reported():
+    # The selection's last barrier: the odd warps run on to the end of the kernel without it.
+    line = source_line("helpers.cuh", "warp_counts is rewritten next step")
+    emu.set_mutation("divergent_syncthreads", "helpers.cuh", line)
+    with pytest.raises(RuntimeError, match="__syncthreads at helpers.cuh:%d is not reached by every thread" % line):
+        run_patch_pool()
+
+
+def test_wrong_shuffle_mask_is_reported():
+    line = source_line("helpers.cuh", "v = score_combine<kind, float>(v, __shfl_xor_sync(")
+    emu.set_mutation("drop_mask_lane", "helpers.cuh", line)
+    # Lane 31 calls with a mask without itself, or its partners read it: whichever runs first.
+    with pytest.raises(RuntimeError, match=r"__shfl_xor_sync at helpers.cuh:\d+ in " + ERROR_NAMES +
+                       r"(: the mask 0x7fffffff does not include the calling lane 31| reads lane 31, which is not "
+                       r"in the mask 0x7fffffff)"):
+        run_patch_pool(channels_last=True)  # a warp per position: the warp_merge reduction
+
+
+def test_off_by_one_bound_is_an_out_of_bounds_access():
+    assert hasattr(ops, "pool_backward_cuda_mutant_off_by_one") and _emulation._library.has_kernel(
+        "pool_backward_cuda_mutant_off_by_one", "CPU"
+    ), "the off_by_one mutant was not built: update setup.py EMULATION_MUTANTS with the kernel"
+    grad = torch.randn(2, 3, 5)
+    index = torch.tensor([[0, 2, 4], [1, 2, 3]])
+    rows, total = ops.pool_backward_cuda_emulated(grad, index, 5, True)  # the real kernel: clean
+    torch.testing.assert_close(rows, reference.pool_backward(grad, index, 5, True)[0])
+    with pytest.raises(RuntimeError, match="out-of-bounds global memory (read|write) in kernel scatter_rows_kernel"
+                       + r".*block \(0,0,0\), thread \(25,0,0\): \d+ bytes at address 0x"):
+        ops.pool_backward_cuda_mutant_off_by_one(grad, index, 5, True)
+
+
+# ---- counters -----------------------------------------------------------------------------------
+
+
+def test_counters_measure_global_traffic():
+    grad = torch.randn(2, 3, 8)
+    index = torch.tensor([[0, 2, 4], [1, 2, 3]])
+    _emulation.reset_counters()
+    ops.pool_backward_cuda_emulated(grad, index, 6, False)
+    inverse, scatter = _emulation.counters()
+    assert inverse["kernel"] == "inverse_index_kernel" and scatter["kernel"].startswith("scatter_rows_kernel")
+    # inverse_index: writes inv [2, 6] int32 (-1, then the atomicMax of 3 rows each), reads index.
+    assert inverse["global_write_distinct_bytes"] == 2 * 6 * 4
+    assert inverse["global_read_distinct_bytes"] == index.numel() * 8 + 2 * 3 * 4  # index + atomics' reads
+    # scatter: writes every row once, reads every gradient row once (and inv).
+    assert scatter["global_write_distinct_bytes"] == scatter["global_write_bytes"] == 2 * 6 * 8 * 4
+    assert scatter["global_read_distinct_bytes"] == grad.numel() * 4 + 2 * 6 * 4
+    assert scatter["grid"][1] == 2 and scatter["block"] == (256, 1, 1)
