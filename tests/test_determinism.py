@@ -79,7 +79,7 @@ def test_pool_backward_batch_sum_and_repeated_rows_bit_identical(dtype, restore_
     grad = torch.randn(24, 300, 40, generator=g).to(dtype)
     index = torch.randint(0, 200, (24, 300), generator=g)  # repeats: rows accumulate
     index[:12] = torch.stack([torch.randperm(400, generator=g)[:300] for _ in range(12)]) % 200
-    op = op_for("pool_backward", "cpu")
+    op = op_for("pool_backward", "cpu", "cpu")
     results = []
     for threads in (1, 4, 4):
         torch.set_num_threads(threads)

@@ -82,7 +82,7 @@ def test_pool_backward_empty_batch_and_empty_index(device, backend):
     if backend == "reference":
         op = apkernels.reference.pool_backward
     else:
-        op = op_for("pool_backward", backend)
+        op = op_for("pool_backward", backend, device)
     for dtype in dtypes(backend):
         for B, K in ((0, 3), (0, 0), (2, 0)):
             grad = torch.randn(B, K, 5).to(device=device, dtype=dtype)
@@ -102,8 +102,8 @@ def test_backward_ops_called_directly_with_empty_batches(op):
             continue
         args, kwargs = empty_inputs(op, 0, torch.float32, device)
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        outs = as_list(op_for(op, backend)(*args, *kwargs.values()))
-        backward = op_for(BACKWARD_OF[op], backend)
+        outs = as_list(op_for(op, backend, device)(*args, *kwargs.values()))
+        backward = op_for(BACKWARD_OF[op], backend, device)
         if op == "patch_pool":
             grads = backward(torch.zeros_like(outs[0]), outs[1], 15, True)
             assert grads[0].shape == (0, 15, 6) and grads[1].shape == (15, 6) and not grads[1].any()
@@ -126,7 +126,7 @@ def test_opcheck_on_empty_inputs(op):
         if backend == "reference":
             continue
         args, kwargs = empty_inputs(op, 0, torch.float32, device)
-        opcheck(op_for(op, backend).default, (*args, *kwargs.values()))
+        opcheck(op_for(op, backend, device).default, (*args, *kwargs.values()))
 
 
 def test_error_still_names_an_empty_non_batch_dim():

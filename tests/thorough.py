@@ -263,7 +263,7 @@ def case_pool_backward(rng, backend):
     index = with_layout(index, rng.choice(("contiguous", "strided", "permuted")), rng)
     desc = (f"grad {tuple(grad.shape)} {v.layout} num_rows={num_rows} repeats={repeats} reduce_batch={reduce_batch} "
             f"{v.dtype} nonfinite={v.specials}")
-    op = reference.pool_backward if backend == "reference" else op_for("pool_backward", backend)
+    op = reference.pool_backward if backend == "reference" else op_for("pool_backward", backend, "cpu")
     rows, total = op(grad, index, num_rows, reduce_batch)
     want_rows = gather_index_add((B, num_rows, C), grad, index)
     assert rows.shape == want_rows.shape and rows.dtype == v.dtype, f"{desc}: rows {tuple(rows.shape)} {rows.dtype}"
