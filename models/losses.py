@@ -1,4 +1,4 @@
-"""DAN's training losses (SPEC 2.1, 2.3): affinity (large-margin feature clustering) and partition."""
+"""DAN's training losses: affinity (large-margin feature clustering) and partition."""
 from __future__ import annotations
 
 import sys

@@ -3,7 +3,7 @@
     python -m models.train --model dan --dataset rafdb --data-root data/RAF-DB/basic --out runs/dan_raf
     torchrun --nproc_per_node 4 -m models.train --model apvit --dataset rafdb --data-root ... --out ...
 
-The defaults are the papers' recipes (SPEC 1.6, 2.5; `models/recipes.py`). Every epoch RUN_DIR gets a
+The defaults are the papers' recipes (`models/recipes.py`). Every epoch RUN_DIR gets a
 line in metrics.jsonl, curves.png (loss and accuracy), and last.pt (written atomically); best.pt is the
 epoch with the best test accuracy. `--resume RUN_DIR/last.pt` continues the run exactly; `--resume auto`
 continues from RUN_DIR/last.pt when there is one, else starts fresh: under `torchrun --max-restarts N`
@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from . import data as fer_data
-from . import engine, recipes
+from . import checkpoint, cli, distributed, metrics, modeling, plots, recipes, rng
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=engine.prog_name("models.train"), description=__doc__,
+    p = argparse.ArgumentParser(prog=cli.prog_name("models.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=recipes.MODELS)
     p.add_argument("--dataset", required=True, choices=fer_data.DATASETS,
@@ -47,11 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--sampler", default=None, choices=("shuffle", "repeat_factor", "balanced"))
-    p.add_argument("--workers", type=int, default=engine.default_workers(),
+    p.add_argument("--workers", type=int, default=cli.default_workers(),
                    help="data loading processes per training process (default min(4, CPUs): %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per local rank)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", default="none", choices=tuple(engine.AMP_DTYPES), help="autocast dtype (fp16 adds loss scaling)")
+    p.add_argument("--amp", default="none", choices=tuple(cli.AMP_DTYPES), help="autocast dtype (fp16 adds loss scaling)")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a last.pt / best.pt of this tool; 'auto': from RUN_DIR/last.pt when it "
                         "exists (same model, dataset and recipe, else an error), else start fresh (a RUN_DIR "
@@ -87,12 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_classes(args) -> list[str]:
-    """The output order of the model to train (SPEC 1.5 / 2.5); image folders: the canonical order
+    """The output order of the model to train (APViT: its own order; DAN: RAF-DB label order, AffectNet folder order); image folders: the canonical order
     when every folder is an emotion the default list has, else the folder names."""
     if args.dataset == "rafdb":
-        return engine.model_classes(args.model, "rafdb", args.num_classes or 7)
+        return modeling.model_classes(args.model, "rafdb", args.num_classes or 7)
     if args.dataset == "affectnet":
-        return engine.model_classes(args.model, "affectnet", args.num_classes or 8)
+        return modeling.model_classes(args.model, "affectnet", args.num_classes or 8)
     names = fer_data.folder_class_names(args.data_root, "train")
     if not names:
         raise ValueError(f"data-root: no class folders in {os.path.join(args.data_root, 'train')}")
@@ -100,7 +100,7 @@ def resolve_classes(args) -> list[str]:
         raise ValueError(f"num-classes: {args.num_classes} given but {len(names)} class folders found: {names}")
     canonical = [fer_data.canonical_class(n) for n in names]
     if all(canonical):
-        default = engine.model_classes(args.model, None, len(names))
+        default = modeling.model_classes(args.model, None, len(names))
         if sorted(canonical) == sorted(default):
             return default
         return sorted(canonical)
@@ -116,13 +116,13 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _save(path: str, step: engine.TrainStep, optimizer, scheduler, scaler, epoch: int, best_acc: float,
+def _save(path: str, step: modeling.TrainStep, optimizer, scheduler, scaler, epoch: int, best_acc: float,
           classes, args, recipe) -> None:
     model_state = step.model.state_dict()
     loss_state = {k: v for k, v in step.state_dict().items() if not k.startswith("model.")}
-    engine.atomic_save({
-        "format": engine.CHECKPOINT_FORMAT,
-        "version": engine.CHECKPOINT_VERSION,
+    checkpoint.atomic_save({
+        "format": checkpoint.CHECKPOINT_FORMAT,
+        "version": checkpoint.CHECKPOINT_VERSION,
         "model": args.model,
         "classes": list(classes),
         "model_kwargs": dict(args.model_kwargs),
@@ -132,7 +132,7 @@ def _save(path: str, step: engine.TrainStep, optimizer, scheduler, scaler, epoch
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": engine.rng_state(),
+        "rng": rng.rng_state(),
         "epoch": epoch,
         "best_acc": best_acc,
         "config": {
@@ -172,7 +172,7 @@ def resolve_resume(args) -> str | None:
     return last if os.path.isfile(last) else None
 
 
-def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, recipe: recipes.Recipe,
+def train_epoch(trainer, step: modeling.TrainStep, loader, optimizer, scaler, recipe: recipes.Recipe,
                 device: torch.device, amp: str = "none", desc: str = "train", show_progress: bool = True,
                 before_batch=None) -> torch.Tensor:
     """One epoch of the recipe's training steps over `loader` (the scheduler steps after it):
@@ -186,7 +186,7 @@ def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, reci
             before_batch(batch)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with engine.autocast(device, amp):
+        with cli.autocast(device, amp):
             logits, loss, parts = trainer(images, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr?)")
@@ -202,10 +202,10 @@ def train_epoch(trainer, step: engine.TrainStep, loader, optimizer, scaler, reci
 def train(args, rank: int, world: int, device: torch.device) -> dict:
     args.resume = resolve_resume(args)
     if not args.resume:
-        engine.claim_run_dir(args.out, args.overwrite)
-    resume = engine.load_checkpoint_file(args.resume) if args.resume else None
+        cli.claim_run_dir(args.out, args.overwrite)
+    resume = checkpoint.load_checkpoint_file(args.resume) if args.resume else None
     if resume is not None:
-        if not engine.is_our_checkpoint(resume):
+        if not checkpoint.is_our_checkpoint(resume):
             raise ValueError(f"resume: {args.resume} is not a models.train checkpoint")
         cfg = resume["config"]
         for key in ("model", "dataset"):
@@ -235,8 +235,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         raise ValueError(f"batch-size: {recipe.batch_size} is not divisible by the {world} processes")
     per_process_batch = recipe.batch_size // world
 
-    engine.seed_everything(args.seed)
-    model = engine.build_model(args.model, classes, args.model_kwargs, args.input_size)
+    rng.seed_everything(args.seed)
+    model = modeling.build_model(args.model, classes, args.model_kwargs, args.input_size)
     train_set = fer_data.build_dataset(args.dataset, args.data_root, "train", classes,
                                        recipes.train_transform(args.model, model, args.dataset))
     test_set = fer_data.build_dataset(args.dataset, args.data_root, args.eval_split, classes,
@@ -248,14 +248,14 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         _log(rank, f"left out {len(bad_images)} unreadable image(s) (--skip-bad-images), listed in "
                    f"{os.path.join(args.out, 'skipped_images.txt')}")
     if args.pretrained and resume is None:
-        positional, named = engine.parse_pretrained(args.pretrained)
+        positional, named = modeling.parse_pretrained(args.pretrained)
         reports = model.load_pretrained(*positional, **named, strict=not args.pretrained_partial)
         for report in reports if isinstance(reports, (list, tuple)) else [reports]:
             if report is not None:
                 _log(rank, str(report))
     if resume is None:
         recipes.initialise(recipe, model)
-    step = engine.TrainStep(args.model, model, recipe.affinity_centres).to(device)
+    step = modeling.TrainStep(args.model, model, recipe.affinity_centres).to(device)
     optimizer = recipes.build_optimizer(recipe, step.named_parameters())
     scheduler = recipes.build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -266,12 +266,12 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        engine.set_rng_state(resume["rng"])
+        rng.set_rng_state(resume["rng"])
         start_epoch, best_acc = int(resume["epoch"]), float(resume["best_acc"])
         if start_epoch >= recipe.epochs:
             _log(rank, f"{args.resume}: the run is complete (all {recipe.epochs} epochs trained, best "
                        f"{args.eval_split} accuracy {best_acc:.4f}); nothing to resume")
-            history = engine.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
+            history = metrics.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
             return {"best_acc": best_acc, "history": history, "classes": classes, "complete": True}
     trainer = step
     if world > 1:
@@ -289,10 +289,10 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if bad_images:
-            engine.write_text(os.path.join(args.out, "skipped_images.txt"),
+            cli.write_text(os.path.join(args.out, "skipped_images.txt"),
                               "".join(f"{path}\t{problem}\n" for path, problem in bad_images))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    history = [h for h in engine.read_jsonl(metrics_path) if h["epoch"] <= start_epoch] if resume is not None else []
+    history = [h for h in metrics.read_jsonl(metrics_path) if h["epoch"] <= start_epoch] if resume is not None else []
     _log(rank, f"{args.model} on {args.dataset}: {len(train_set)} train / {len(test_set)} {args.eval_split} images, "
                f"classes {classes}, {world} process(es) on {device}, epochs {start_epoch + 1}..{recipe.epochs}")
 
@@ -308,21 +308,21 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
                            desc=f"epoch {epoch + 1}/{recipe.epochs}", show_progress=rank == 0,
                            before_batch=lambda batch: _kill_hook(rank, epoch, batch))
         if world > 1:
-            sums = sums.to(engine._dist_device())
+            sums = sums.to(distributed._dist_device())
             dist.all_reduce(sums)
             sums = sums.cpu()
             for buf in step.buffers():  # evaluate (and save) rank 0's BatchNorm statistics everywhere
                 dist.broadcast(buf, 0)
         scheduler.step()
 
-        cm, test_loss_sum, n_test = engine.run_evaluation(step.model, test_loader, device, len(classes), args.amp,
+        cm, test_loss_sum, n_test = metrics.run_evaluation(step.model, test_loader, device, len(classes), args.amp,
                                                           desc="evaluate", show_progress=rank == 0)
-        metrics = engine.metrics_from_confusion(cm, classes)
+        scores = metrics.metrics_from_confusion(cm, classes)
         record = {
             "epoch": epoch + 1, "lr": lr,
             "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
-            "test_loss": test_loss_sum / max(n_test, 1), "test_acc": metrics["accuracy"],
-            "test_balanced_acc": metrics["balanced_accuracy"], "time_s": round(time.time() - t0, 3),
+            "test_loss": test_loss_sum / max(n_test, 1), "test_acc": scores["accuracy"],
+            "test_balanced_acc": scores["balanced_accuracy"], "time_s": round(time.time() - t0, 3),
         }
         if args.model == "dan":
             record["train_affinity"] = float(sums[3] / sums[2])
@@ -331,8 +331,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         best_acc = max(best_acc, record["test_acc"])
         history.append(record)
         if rank == 0:
-            engine.write_jsonl(metrics_path, history)
-            engine.plot_curves(history, args.out)
+            metrics.write_jsonl(metrics_path, history)
+            plots.plot_curves(history, args.out)
             _save(os.path.join(args.out, "last.pt"), step, optimizer, scheduler, scaler, epoch + 1, best_acc,
                   classes, args, recipe)
             if improved:
@@ -350,17 +350,17 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = engine.resolve_device(args.device)
-    rank, world, device = engine.setup_distributed(device)
+    device = cli.resolve_device(args.device)
+    rank, world, device = distributed.setup_distributed(device)
     try:
         return train(args, rank, world, device)
     finally:
-        engine.cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 def command() -> None:
     """The `apkernels-train` command."""
-    engine.run_cli(main, engine.prog_name("models.train"))
+    cli.run_cli(main, cli.prog_name("models.train"))
 
 
 if __name__ == "__main__":

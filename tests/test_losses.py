@@ -9,7 +9,7 @@ from models import AffinityLoss, PartitionLoss
 
 
 def affinity_by_hand(x, labels, centers):
-    """SPEC 2.1, element by element: sum_b clamp(||x_b - c_{y_b}||^2 / sum_j var_i c[i, j]) / B."""
+    """The official affinity loss, element by element: sum_b clamp(||x_b - c_{y_b}||^2 / sum_j var_i c[i, j]) / B."""
     num_classes, dim = centers.shape
     spread = 0.0
     for j in range(dim):
