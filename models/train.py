@@ -87,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_classes(args) -> list[str]:
-    """The output order of the model to train (APViT: its own order; DAN: RAF-DB label order, AffectNet folder order); image folders: the canonical order
-    when every folder is an emotion the default list has, else the folder names."""
+    """The output order of the model to train (APViT: its own order; DAN: RAF-DB's label order, or
+    AffectNet's folder order); image folders: the canonical order when every folder is an emotion
+    the default list has, else the folder names."""
     if args.dataset == "rafdb":
         return modeling.model_classes(args.model, "rafdb", args.num_classes or 7)
     if args.dataset == "affectnet":
