@@ -109,6 +109,22 @@ def test_extreme_logits(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+def test_non_finite_heads_follow_torch_log_softmax(device, backend):
+    """A +inf head makes every head of its column NaN (torch subtracts the max, inf - inf = NaN),
+    wherever the +inf stands among the heads; a -inf head is just -inf; a NaN head spreads NaN."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.tensor([[[inf, 1.0, -inf, nan, 2.0], [0.5, inf, 1.0, 0.0, -inf], [1.0, 2.0, 0.0, 1.0, 0.0]]],
+                     device=device)
+    a = torch.zeros_like(g)
+    fused, heads = op_for(device, backend)(g, a)
+    ef, eh = reference.dan_head_fusion(g, a)
+    torch.testing.assert_close(heads, eh, equal_nan=True)
+    torch.testing.assert_close(fused, ef, equal_nan=True)
+    assert heads[0, :, :2].isnan().all() and heads[0, :, 3].isnan().all()
+    assert heads[0, 0, 2] == -inf and heads[0, 2, 4] != -inf
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 def test_deterministic(device, backend):
     shape = TINY[1] if interpreted(device, backend) else (8, 4, 512)
     g, a = make_inputs(shape, torch.float32, device, seed=5)

@@ -175,7 +175,10 @@ __global__ void head_fusion_kernel(const scalar_t* __restrict__ g, View3 gv, con
           sum += exp_acc(h - mx);  // a NaN h lands here and makes the sum NaN
         }
       }
-      lse = mx + log_acc(sum);
+      // A +inf head: torch's max-then-sum form takes exp(inf - inf) = NaN, so every head is NaN;
+      // the online form above would instead count that head as exp(0) = 1.
+      lse = mx == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                                : mx + log_acc(sum);
     }
     acc_t total = 0;
     for (int64_t m = 0; m < M; ++m) {
