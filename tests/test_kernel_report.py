@@ -123,11 +123,9 @@ def test_extrapolated_global_bytes_match_a_measured_batch(op):
     # The affine extrapolation from B=1,2,3 against the emulator run at B=5 (bf16, forward+backward):
     # a kernel whose traffic grew faster than the batch would fail here.
     measured = report.emulated_counters(op, "fwd+bwd", "bf16", 5)
-    report.EMULATED_BATCHES, saved = (1, 2, 3), report.EMULATED_BATCHES
-    try:
-        exact = report._emulated_call(op, "fwd+bwd", "bf16", 5)
-    finally:
-        report.EMULATED_BATCHES = saved
+    exact = report._emulated_call(op, "fwd+bwd", "bf16", 5)  # (launches, global bytes) of a B=5 run
     assert measured["global_bytes_source"].startswith("emulated at B=1,2,3")
     assert measured["launches"] == exact[0]
-    assert measured["global_bytes"] == pytest.approx(exact[1], rel=1e-4)
+    # Within AFFINE_TOLERANCE: DAN's grad_z reads t only where z > 0, a count that varies between
+    # random images by a few hundred elements in 10^5.
+    assert measured["global_bytes"] == pytest.approx(exact[1], rel=report.AFFINE_TOLERANCE)
