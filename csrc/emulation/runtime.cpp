@@ -214,7 +214,7 @@ size_t g_shared_limit = kMaxDynamicSharedBytes;
 int g_multiprocessors = 4;  // few SMs: grid-stride loops get several iterations at small sizes
 
 struct Mutation {
-  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane"
+  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane", "wrong_source_lane"
   std::string file;  // suffix of the call site's file
   int line = 0;
   int hits = 0;
@@ -766,6 +766,9 @@ void collective(Collective kind, unsigned mask, const void* value, int bytes, in
   Fiber& f = *t_fiber;
   const int tid = L.current, warp = tid / 32, lane = tid % 32;
   if (mutation_at("drop_mask_lane", file, line)) mask &= 0x7FFFFFFFu;
+  // An off-by-one source lane (xor mask, delta or lane + 1): within a full mask nothing here can tell,
+  // the kernel's result is wrong; outside a partial mask "reads lane ..., which is not in the mask".
+  if (mutation_at("wrong_source_lane", file, line)) ++arg;
   const char* name = collective_name(kind);
   if (!((mask >> lane) & 1u)) {
     fail(std::string(name) + " at " + site(file, line) + " in " + where(L, tid) + ": the mask " + hex(mask) +
@@ -1027,12 +1030,14 @@ PYBIND11_MODULE(_C_emulated, m) {
   });
   m.def("set_mutation", [](const std::string& kind, const std::string& file, int line) {
     TORCH_CHECK_VALUE(kind.empty() || kind == "skip_syncthreads" || kind == "divergent_syncthreads" ||
-                          kind == "drop_mask_lane",
-                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads or drop_mask_lane, got '",
+                          kind == "drop_mask_lane" || kind == "wrong_source_lane",
+                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads, drop_mask_lane or "
+                      "wrong_source_lane, got '",
                       kind, "'");
     std::lock_guard<std::mutex> lock(apk_emu::g_launch_mutex);
     apk_emu::g_mutation = apk_emu::Mutation{kind, file, line, 0};
   }, "Runtime mutation at one call site (file suffix, line): skip a __syncthreads, skip it in odd warps, "
-     "or drop lane 31 from a warp collective's mask. kind='' clears it.");
+     "drop lane 31 from a warp collective's mask, or shuffle from the next source lane (arg + 1). kind='' "
+     "clears it.");
   m.def("mutation_hits", [] { return apk_emu::g_mutation.hits; });
 }
