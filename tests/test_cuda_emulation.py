@@ -195,7 +195,7 @@ def test_wrong_shuffle_mask_is_reported():
 
 
 def test_wrong_shuffle_source_lane_gives_a_wrong_result():
-    # warp_sum's butterfly reading lane ^ (o + 1) instead of lane ^ o: every lane is in the full mask,
+    # warp_sum's butterfly reading lane (l ^ o) + 1 instead of l ^ o: every lane is in the full mask,
     # so no check can name it; DAN's pool_kernel (a warp_sum per (b, c, head)) then sums some lanes
     # twice and others not at all, and the pooled features differ from the reference.
     x, z = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 4, 6, 7)  # P = 42: both halves of a warp busy
