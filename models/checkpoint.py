@@ -61,15 +61,20 @@ def load_file(path) -> object:
         raise ValueError(f"checkpoint {path}: corrupt ({type(exc).__name__}: {exc})") from None
 
 
+def load_mapping(path) -> Mapping:
+    """load_file(path) that must hold a mapping (every checkpoint format read here is one)."""
+    obj = load_file(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {os.fspath(path)}: holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
 def read_checkpoint(checkpoint) -> Mapping:
     """A checkpoint given as a path (read with ``weights_only=True`` onto the CPU) or a mapping."""
     if isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.isfile(checkpoint):
             raise ValueError(f"checkpoint must be an existing file or a state dict, got the path {str(checkpoint)!r}")
-        obj = load_file(checkpoint)
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"checkpoint {os.fspath(checkpoint)}: holds a {type(obj).__name__}, expected a dict")
-        return obj
+        return load_mapping(checkpoint)
     if isinstance(checkpoint, Mapping):
         return checkpoint
     raise ValueError(f"checkpoint must be a path or a mapping (a state dict), got {type(checkpoint).__name__}")
@@ -226,10 +231,7 @@ def atomic_save(obj, path: str) -> None:
 def load_checkpoint_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: file not found: {path}")
-    obj = load_file(path)
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint: {path} holds a {type(obj).__name__}, expected a dict")
-    return obj
+    return load_mapping(path)
 
 
 def is_our_checkpoint(obj) -> bool:
