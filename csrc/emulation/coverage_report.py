@@ -5,7 +5,8 @@
     python csrc/emulation/coverage_report.py OBJECT_DIR          # the directory of wrap_*.o
 
 Per __global__ kernel (all template instances together): lines executed / lines, branch
-outcomes taken / outcomes; then every line of the CUDA sources that never ran.
+outcomes taken / outcomes; then, per kernel, the lines with a branch outcome never taken; then
+every line of the CUDA sources that never ran.
 """
 import collections
 import glob
@@ -80,6 +81,14 @@ def main(object_dir):
         branches = sum(lines[k][1] for k in keys)
         taken = sum(lines[k][2] for k in keys)
         print(f"| `{kernel}` | {fname}:{first} | {run}/{len(keys)} | {taken}/{branches} |")
+    print("\nBranch outcomes not taken, per kernel (line: outcomes taken / outcomes, best template instance):")
+    for kernel, (fname, first, last) in sorted(kernels_by_line().items()):
+        partial = [n for n in range(first, last + 1) if (fname, n) in lines and lines[(fname, n)][2] < lines[(fname, n)][1]]
+        if partial:
+            print(f"- `{kernel}`:")
+        source = open(os.path.join(CUDA_DIR, fname)).read().splitlines()
+        for n in partial:
+            print(f"  - {fname}:{n} ({lines[(fname, n)][2]}/{lines[(fname, n)][1]}): `{source[n - 1].strip()[:100]}`")
     never = sorted(k for k, v in lines.items() if v[0] == 0)
     print(f"\nLines of csrc/ops/cuda never executed ({len(never)}):")
     for fname, n in never:
