@@ -23,9 +23,13 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "ops", "cuda")
 
 
 def gcov_json(object_dir):
-    out = []
+    out, object_dir = [], os.path.abspath(object_dir)  # gcov runs in a temporary directory
     with tempfile.TemporaryDirectory() as tmp:
-        for gcda in sorted(glob.glob(os.path.join(object_dir, "**", "wrap_*.gcda"), recursive=True)):
+        # The mutant TUs too: the linker keeps one copy of each inline device helper (helpers.cuh),
+        # possibly theirs, and its counts land in their .gcda.
+        gcdas = [p for pattern in ("wrap_*.gcda", "mutant_*.gcda")
+                 for p in glob.glob(os.path.join(object_dir, "**", pattern), recursive=True)]
+        for gcda in sorted(gcdas):
             subprocess.run(["gcov", "-b", "-j", "-o", os.path.dirname(gcda), gcda], cwd=tmp, check=True,
                            capture_output=True)
         for path in sorted(glob.glob(os.path.join(tmp, "*.gcov.json.gz"))):
@@ -71,8 +75,9 @@ def main(object_dir):
             for ln in f["lines"]:
                 entry = lines[(name, ln["line_number"])]
                 entry[0] += ln["count"]
-                entry[1] = max(entry[1], len(ln["branches"]))
-                entry[2] = max(entry[2], sum(1 for b in ln["branches"] if b["count"] > 0))
+                branches = [b for b in ln["branches"] if not b["throw"]]  # not the exception edges of calls
+                entry[1] = max(entry[1], len(branches))
+                entry[2] = max(entry[2], sum(1 for b in branches if b["count"] > 0))
     print("| kernel | file | lines run | branch outcomes taken |")
     print("| --- | --- | --- | --- |")
     for kernel, (fname, first, last) in sorted(kernels_by_line().items()):
