@@ -20,8 +20,10 @@ Where the numbers come from:
   to PTX and run through ptxas -v. Nothing executes.
 - global_bytes: measured, never estimated. `--emulated-counters` runs each CUDA row's op call on the
   CUDA emulation build and takes launches and global bytes from `apkernels._emulation.counters()`
-  (the real kernel code; slow at the paper batch). Without it, and for Triton (no load/store
-  accounting yet), global_bytes is None ("n/a").
+  (the real kernel code): batches up to 3 exactly, larger ones extrapolated from B = 1, 2, 3
+  (EMULATED_BATCHES; each row's `global_bytes_source` says which). Without nvcc it prints that
+  traffic table alone. Without the flag, and for Triton (no load/store accounting yet),
+  global_bytes is None ("n/a").
 """
 import argparse
 import dataclasses
