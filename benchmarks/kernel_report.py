@@ -683,10 +683,12 @@ def main(argv=None) -> int:
             rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters)
     if "triton" in backends:
         rows += triton_rows(batches, dtypes)
-    table = format_table([r for r in rows if r["kernels"]])
+    with_kernels = [r for r in rows if r["kernels"]]  # (none when only the emulator's traffic was measured)
+    tables = [format_table(with_kernels)] if with_kernels else []
     measured = [r for r in rows if r["global_bytes"] is not None]
     if measured:  # global bytes moved / minimal bytes of the real kernel code, and how each was measured
-        table += "\n\nGlobal bytes moved by the CUDA kernels (emulation build):\n\n" + format_traffic_table(measured)
+        tables.append("Global bytes moved by the CUDA kernels (emulation build):\n\n" + format_traffic_table(measured))
+    table = "\n\n".join(tables)
     note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation): "
             "every global load and store of the real kernel code counted (bytes read + written, all launches of the "
             f"call); batches up to {max(EMULATED_BATCHES)} exactly, larger ones extrapolated from "
