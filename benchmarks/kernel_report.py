@@ -20,11 +20,14 @@ Where the numbers come from:
   to PTX and run through ptxas -v. Nothing executes.
 - global_bytes: measured, never estimated. `--emulated-counters` runs each CUDA row's op call on the
   CUDA emulation build and takes launches and global bytes from `apkernels._emulation.counters()`
-  (the real kernel code; slow at the paper batch). Without it, and for Triton (no load/store
-  accounting yet), global_bytes is None ("n/a").
+  (the real kernel code): batches up to 3 exactly, larger ones extrapolated from B = 1, 2, 3
+  (EMULATED_BATCHES; each row's `global_bytes_source` says which). Without nvcc it prints that
+  traffic table alone. Without the flag, and for Triton (no load/store accounting yet),
+  global_bytes is None ("n/a").
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -235,13 +238,22 @@ def _pool_backward_plan(dtype, B, N, C, reduce_batch):
     return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
 
 
-def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
-    """Launches and global bytes (read + written) of one call of the CUDA op (and its backward op)
-    run by the CUDA emulation build on CPU tensors, or None without that build.
+# Batches the emulator runs for the CUDA traffic. Every CUDA launch's grid is per image (patch_pool,
+# token_pool, inverse_index: one CTA per image; channel_reduce: one per (image, head, tile);
+# scatter_rows: a batch dimension, or a loop over the batch for the position gradient) or a
+# grid-stride loop over elements that are B x (per-image size): the bytes a call moves are
+# fixed + per_image * B (fixed: the position gradient written once). The emulator measures B = 1, 2, 3,
+# checks that the three are affine in B and extrapolates; batches up to 3 are measured exactly.
+# Affine up to AFFINE_TOLERANCE (relative, per-image bytes): a few loads depend on the data (DAN's
+# grad_z reads t only where z > 0), so the per-image bytes of random inputs vary by a few bytes.
+EMULATED_BATCHES = (1, 2, 3)
+AFFINE_TOLERANCE = 1e-3
 
-    Uses `apkernels._emulation`: `available(op)`, `reset_counters()` and `counters()` (one dict per
-    launch with `global_read_bytes` / `global_write_bytes`). The emulator runs every CUDA thread as a
-    fiber: minutes per call at the paper batch, so `--emulated-counters` asks for it explicitly."""
+
+@functools.lru_cache(maxsize=None)
+def _emulated_call(op: str, pass_: str, dtype: str, batch: int):
+    """(launches, global bytes read + written) of one call of the CUDA op (and its backward op) run by
+    the CUDA emulation build on CPU tensors at `batch`, or None without that build."""
     try:
         from apkernels import _emulation
     except ImportError:
@@ -251,8 +263,36 @@ def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
     _emulation.reset_counters()
     _run_op(op, pass_, dtype, batch, _emulation.SUFFIX)
     launches = list(_emulation.counters())
-    total = sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches)
-    return {"launches": len(launches), "global_bytes": total}
+    return len(launches), sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches)
+
+
+def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
+    """Launches and global bytes (read + written) of one call of the CUDA op (and its backward op),
+    measured on the CUDA emulation build (the real kernel code, every access counted), or None
+    without that build: {"launches", "global_bytes", "global_bytes_source"}.
+
+    Batches up to max(EMULATED_BATCHES) run exactly; larger ones are extrapolated from them (the
+    emulator runs every CUDA thread as a fiber: about 0.2 s per image and op here), after checking
+    that launches are the same and bytes affine in the batch (RuntimeError otherwise)."""
+    if batch <= max(EMULATED_BATCHES):
+        measured = _emulated_call(op, pass_, dtype, batch)
+        if measured is None:
+            return None
+        return {"launches": measured[0], "global_bytes": measured[1], "global_bytes_source": f"emulated at B={batch}"}
+    measured = [_emulated_call(op, pass_, dtype, b) for b in EMULATED_BATCHES]
+    if measured[0] is None:
+        return None
+    launches = {m[0] for m in measured}
+    steps = [(m1[1] - m0[1]) / (b1 - b0) for (b0, m0), (b1, m1) in zip(zip(EMULATED_BATCHES, measured),
+                                                                       zip(EMULATED_BATCHES[1:], measured[1:]))]
+    if len(launches) != 1 or max(steps) - min(steps) > AFFINE_TOLERANCE * max(steps):
+        raise RuntimeError(f"{op} {pass_} {dtype}: emulated (launches, bytes) at B={EMULATED_BATCHES} are "
+                           f"{measured}, not affine in the batch: cannot extrapolate to B={batch}")
+    per_image = (measured[-1][1] - measured[0][1]) / (EMULATED_BATCHES[-1] - EMULATED_BATCHES[0])
+    global_bytes = round(measured[0][1] + (batch - EMULATED_BATCHES[0]) * per_image)
+    batches = ",".join(map(str, EMULATED_BATCHES))
+    return {"launches": launches.pop(), "global_bytes": global_bytes,
+            "global_bytes_source": f"emulated at B={batches}, extrapolated (affine in B)"}
 
 
 # ---------------------------------------------------------------------------------- Triton side
@@ -512,6 +552,12 @@ def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False) -> list:
     return rows
 
 
+def emulated_traffic_rows(batches, dtypes) -> list:
+    """CUDA rows with the emulator's launches and global bytes only (no nvcc: no kernel resources)."""
+    return [make_row(op, "cuda", pass_, dtype, batch, [], counters=emulated_counters(op, pass_, dtype, batch))
+            for op in OPS for pass_ in PASSES for dtype in dtypes for batch in batches]
+
+
 def triton_rows(batches, dtypes) -> list:
     rows, cache = [], {}
     for op in OPS:
@@ -540,11 +586,12 @@ def make_row(op, backend, pass_, dtype, batch, kernels, counters):
         "batch": batch,
         "paper_scale": batch == max(common.OPS[op].batches),
         "global_bytes": counters["global_bytes"] if counters else None,
+        "global_bytes_source": counters["global_bytes_source"] if counters else None,
         "minimal_bytes": minimal_bytes(op, pass_, dtype, batch),
         "launches": counters["launches"] if counters else len(kernels),
-        "max_registers": max(k["registers"] for k in kernels),
-        "spills": sum(k["spills"] for k in kernels),
-        "min_warps_per_sm": min(k["warps_per_sm"] for k in kernels),
+        "max_registers": max((k["registers"] for k in kernels), default=None),
+        "spills": sum(k["spills"] for k in kernels) if kernels else None,
+        "min_warps_per_sm": min((k["warps_per_sm"] for k in kernels), default=None),
         "kernels": kernels,
     }
 
@@ -565,12 +612,31 @@ def _short(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- output
+def traffic_ratio(row):
+    """Global bytes moved / minimal bytes of a row, or None where not measured."""
+    return None if row["global_bytes"] is None else row["global_bytes"] / row["minimal_bytes"]
+
+
+def format_traffic_table(rows) -> str:
+    """Global bytes moved / minimal bytes per row (the emulated CUDA kernels)."""
+    lines = ["| op | backend | pass | dtype | B | launches | global bytes | minimal bytes | global / minimal | measured |",
+             "|" + "---|" * 10]
+    for r in rows:
+        ratio = traffic_ratio(r)
+        lines.append("| " + " | ".join([
+            r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), str(r["launches"]),
+            "n/a" if r["global_bytes"] is None else f"{r['global_bytes'] / 1e6:.2f} MB",
+            f"{r['minimal_bytes'] / 1e6:.2f} MB", "n/a" if ratio is None else f"{ratio:.2f}",
+            r.get("global_bytes_source") or "not measured"]) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     lines = ["| op | backend | pass | dtype | B | launches | kernel | regs | spills | smem/CTA | CTAs/SM | "
              "warps/SM | limiter | grid | waves | global / minimal bytes |",
              "|" + "---|" * 16]
     for r in rows:
-        ratio = "n/a" if r["global_bytes"] is None else f"{r['global_bytes'] / r['minimal_bytes']:.2f}"
+        ratio = "n/a" if r["global_bytes"] is None else f"{traffic_ratio(r):.2f}"
         launches = str(r["launches"])
         if r.get("host_aten_ops"):
             launches += " + aten " + ", ".join(r["host_aten_ops"])
@@ -607,17 +673,29 @@ def main(argv=None) -> int:
     backends = args.backend or BACKENDS
     rows = []
     if "cuda" in backends:
-        if find_nvcc() is None:
+        if find_nvcc() is None and args.emulated_counters:
+            print("kernel_report: nvcc not found: CUDA rows carry the emulator's traffic only", file=sys.stderr)
+            rows += emulated_traffic_rows(batches, dtypes)
+        elif find_nvcc() is None:
             print("kernel_report: nvcc not found: CUDA rows skipped", file=sys.stderr)
         else:
             resources = cuda_resources(progress=lambda m: print(m, file=sys.stderr), csrc=args.csrc)
             rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters)
     if "triton" in backends:
         rows += triton_rows(batches, dtypes)
-    table = format_table(rows)
-    note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation); "
-            "n/a otherwise, and for Triton (no load/store accounting yet): never estimated. launches = kernels one op "
-            "call launches (CUDA: the host code's plan, or the emulator's count; Triton: recorded from the launcher).")
+    with_kernels = [r for r in rows if r["kernels"]]  # (none when only the emulator's traffic was measured)
+    tables = [format_table(with_kernels)] if with_kernels else []
+    measured = [r for r in rows if r["global_bytes"] is not None]
+    if measured:  # global bytes moved / minimal bytes of the real kernel code, and how each was measured
+        tables.append("Global bytes moved by the CUDA kernels (emulation build):\n\n" + format_traffic_table(measured))
+    table = "\n\n".join(tables)
+    note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation): "
+            "every global load and store of the real kernel code counted (bytes read + written, all launches of the "
+            f"call); batches up to {max(EMULATED_BATCHES)} exactly, larger ones extrapolated from "
+            f"B={','.join(map(str, EMULATED_BATCHES))} (every grid is per image or a grid-stride loop over B x "
+            "per-image elements: bytes are affine in B, checked on the three). n/a otherwise, and for Triton (no "
+            "load/store accounting yet): never estimated. launches = kernels one op call launches (CUDA: the host "
+            "code's plan, or the emulator's count; Triton: recorded from the launcher).")
     print(table + "\n\n" + note)
     if args.markdown:
         args.markdown.write_text(table + "\n\n" + note + "\n")

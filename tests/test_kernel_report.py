@@ -89,3 +89,43 @@ def test_quick_report_of_the_triton_kernels(tmp_path):
         assert row["launches"] == len(row["kernels"]) >= 1 and 0 < row["max_registers"] <= 255
         assert row["minimal_bytes"] > 0
     assert "_patch_pool_kernel" in out
+
+
+def _emulation_built() -> bool:
+    from apkernels import _emulation
+
+    return _emulation._C_emulated is not None
+
+
+needs_emulation = pytest.mark.skipif(not _emulation_built(), reason="the CUDA emulation build (_C_emulated) is absent")
+
+
+@needs_emulation
+@pytest.mark.parametrize("op", report.OPS)
+def test_emulated_global_bytes_cover_the_minimal_bytes(op):
+    # The real CUDA kernel code, fp32 forward+backward at B=1 (exact) and the paper batch
+    # (extrapolated): every input read and every output written at least once, so global bytes moved
+    # >= minimal bytes; launches as many as the host code's plan.
+    for batch in (1, 256):
+        for pass_ in report.PASSES:
+            row = report.make_row(op, "cuda", pass_, "fp32", batch, [],
+                                  counters=report.emulated_counters(op, pass_, "fp32", batch))
+            ratio = report.traffic_ratio(row)
+            assert ratio is not None and 1.0 <= ratio < 10.0, (op, pass_, batch, row)
+            assert row["launches"] == len(report.cuda_plan(op, pass_, "fp32", report.op_shapes(op, batch)))
+            assert row["global_bytes_source"] == ("emulated at B=1" if batch == 1 else
+                                                  "emulated at B=1,2,3, extrapolated (affine in B)")
+
+
+@needs_emulation
+@pytest.mark.parametrize("op", report.OPS)
+def test_extrapolated_global_bytes_match_a_measured_batch(op):
+    # The affine extrapolation from B=1,2,3 against the emulator run at B=5 (bf16, forward+backward):
+    # a kernel whose traffic grew faster than the batch would fail here.
+    measured = report.emulated_counters(op, "fwd+bwd", "bf16", 5)
+    exact = report._emulated_call(op, "fwd+bwd", "bf16", 5)  # (launches, global bytes) of a B=5 run
+    assert measured["global_bytes_source"].startswith("emulated at B=1,2,3")
+    assert measured["launches"] == exact[0]
+    # Within AFFINE_TOLERANCE: DAN's grad_z reads t only where z > 0, a count that varies between
+    # random images by a few hundred elements in 10^5.
+    assert measured["global_bytes"] == pytest.approx(exact[1], rel=report.AFFINE_TOLERANCE)

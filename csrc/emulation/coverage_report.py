@@ -5,7 +5,8 @@
     python csrc/emulation/coverage_report.py OBJECT_DIR          # the directory of wrap_*.o
 
 Per __global__ kernel (all template instances together): lines executed / lines, branch
-outcomes taken / outcomes; then every line of the CUDA sources that never ran.
+outcomes taken / outcomes; then, per kernel, the lines with a branch outcome never taken; then
+every line of the CUDA sources that never ran.
 """
 import collections
 import glob
@@ -22,9 +23,13 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "ops", "cuda")
 
 
 def gcov_json(object_dir):
-    out = []
+    out, object_dir = [], os.path.abspath(object_dir)  # gcov runs in a temporary directory
     with tempfile.TemporaryDirectory() as tmp:
-        for gcda in sorted(glob.glob(os.path.join(object_dir, "**", "wrap_*.gcda"), recursive=True)):
+        # The mutant TUs too: the linker keeps one copy of each inline device helper (helpers.cuh),
+        # possibly theirs, and its counts land in their .gcda.
+        gcdas = [p for pattern in ("wrap_*.gcda", "mutant_*.gcda")
+                 for p in glob.glob(os.path.join(object_dir, "**", pattern), recursive=True)]
+        for gcda in sorted(gcdas):
             subprocess.run(["gcov", "-b", "-j", "-o", os.path.dirname(gcda), gcda], cwd=tmp, check=True,
                            capture_output=True)
         for path in sorted(glob.glob(os.path.join(tmp, "*.gcov.json.gz"))):
@@ -70,8 +75,9 @@ def main(object_dir):
             for ln in f["lines"]:
                 entry = lines[(name, ln["line_number"])]
                 entry[0] += ln["count"]
-                entry[1] = max(entry[1], len(ln["branches"]))
-                entry[2] = max(entry[2], sum(1 for b in ln["branches"] if b["count"] > 0))
+                branches = [b for b in ln["branches"] if not b["throw"]]  # not the exception edges of calls
+                entry[1] = max(entry[1], len(branches))
+                entry[2] = max(entry[2], sum(1 for b in branches if b["count"] > 0))
     print("| kernel | file | lines run | branch outcomes taken |")
     print("| --- | --- | --- | --- |")
     for kernel, (fname, first, last) in sorted(kernels_by_line().items()):
@@ -80,6 +86,14 @@ def main(object_dir):
         branches = sum(lines[k][1] for k in keys)
         taken = sum(lines[k][2] for k in keys)
         print(f"| `{kernel}` | {fname}:{first} | {run}/{len(keys)} | {taken}/{branches} |")
+    print("\nBranch outcomes not taken, per kernel (line: outcomes taken / outcomes, best template instance):")
+    for kernel, (fname, first, last) in sorted(kernels_by_line().items()):
+        partial = [n for n in range(first, last + 1) if (fname, n) in lines and lines[(fname, n)][2] < lines[(fname, n)][1]]
+        if partial:
+            print(f"- `{kernel}`:")
+        source = open(os.path.join(CUDA_DIR, fname)).read().splitlines()
+        for n in partial:
+            print(f"  - {fname}:{n} ({lines[(fname, n)][2]}/{lines[(fname, n)][1]}): `{source[n - 1].strip()[:100]}`")
     never = sorted(k for k, v in lines.items() if v[0] == 0)
     print(f"\nLines of csrc/ops/cuda never executed ({len(never)}):")
     for fname, n in never:

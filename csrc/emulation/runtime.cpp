@@ -214,7 +214,7 @@ size_t g_shared_limit = kMaxDynamicSharedBytes;
 int g_multiprocessors = 4;  // few SMs: grid-stride loops get several iterations at small sizes
 
 struct Mutation {
-  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane"
+  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane", "wrong_source_lane"
   std::string file;  // suffix of the call site's file
   int line = 0;
   int hits = 0;
@@ -242,6 +242,7 @@ struct Fiber {
   Collective kind = Collective::Shfl;
   unsigned mask = 0;
   int arg = 0, width = 32, bytes = 0;
+  bool wrong_source_lane = false;  // mutation: a shuffle reads the lane after its source
   unsigned char value[16] = {};
   void* result = nullptr;
   const char* file = "";
@@ -709,6 +710,7 @@ void complete(Launch& L, int warp, unsigned mask) {
           const int x = l ^ f.arg;
           src = (x >= seg && x < seg + width) ? x : l;
         }
+        if (f.wrong_source_lane) src = seg + (src - seg + 1) % width;
         if (!((mask >> src) & 1u)) {
           Launch* Lp = &L;
           (void)Lp;
@@ -766,6 +768,11 @@ void collective(Collective kind, unsigned mask, const void* value, int bytes, in
   Fiber& f = *t_fiber;
   const int tid = L.current, warp = tid / 32, lane = tid % 32;
   if (mutation_at("drop_mask_lane", file, line)) mask &= 0x7FFFFFFFu;
+  // An off-by-one source lane (the lane after the one the shuffle names, within its width): within
+  // a full mask nothing here can tell, the kernel's result is wrong; outside a partial mask it
+  // "reads lane ..., which is not in the mask". (Not arg + 1: a xor butterfly over 17, 9, 5, 3, 2
+  // still reaches every lane and sums correctly.)
+  f.wrong_source_lane = mutation_at("wrong_source_lane", file, line);
   const char* name = collective_name(kind);
   if (!((mask >> lane) & 1u)) {
     fail(std::string(name) + " at " + site(file, line) + " in " + where(L, tid) + ": the mask " + hex(mask) +
@@ -1027,12 +1034,14 @@ PYBIND11_MODULE(_C_emulated, m) {
   });
   m.def("set_mutation", [](const std::string& kind, const std::string& file, int line) {
     TORCH_CHECK_VALUE(kind.empty() || kind == "skip_syncthreads" || kind == "divergent_syncthreads" ||
-                          kind == "drop_mask_lane",
-                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads or drop_mask_lane, got '",
+                          kind == "drop_mask_lane" || kind == "wrong_source_lane",
+                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads, drop_mask_lane or "
+                      "wrong_source_lane, got '",
                       kind, "'");
     std::lock_guard<std::mutex> lock(apk_emu::g_launch_mutex);
     apk_emu::g_mutation = apk_emu::Mutation{kind, file, line, 0};
   }, "Runtime mutation at one call site (file suffix, line): skip a __syncthreads, skip it in odd warps, "
-     "or drop lane 31 from a warp collective's mask. kind='' clears it.");
+     "drop lane 31 from a warp collective's mask, or shuffle from the lane after the source lane. kind='' "
+     "clears it.");
   m.def("mutation_hits", [] { return apk_emu::g_mutation.hits; });
 }
