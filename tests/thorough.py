@@ -362,12 +362,14 @@ def backends_for(op: str) -> list:
 
 
 def run_profile(count: int, triton_count: int, seed: int = 0, ops=OPS, first: int = 0,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, backends=None) -> dict:
     """{(op, backend): Tally} over `count` cases per op and backend (`triton_count` in the Triton
-    interpreter), cases first .. first+count-1."""
+    interpreter), cases first .. first+count-1; `backends` limits the backends (default: all here)."""
     tallies = {}
     for op in ops:
         for backend in backends_for(op):
+            if backends is not None and backend not in backends:
+                continue
             n = triton_count if backend == "triton" else count
             tally = tallies[op, backend] = Tally()
             t0 = time.perf_counter()
@@ -399,11 +401,13 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, default=0, help="first case number (to rerun a failure alone)")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
+                   help="only these backends (default: every backend that runs on CPU tensors here)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    tallies = run_profile(args.count, args.triton_count, args.seed, args.ops, args.first)
+    tallies = run_profile(args.count, args.triton_count, args.seed, args.ops, args.first, backends=args.backends)
     print(format_table(tallies))
     total = sum(t.mismatches for t in tallies.values())
     for (op, backend), t in tallies.items():
