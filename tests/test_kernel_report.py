@@ -1,14 +1,11 @@
 """benchmarks.kernel_report: the occupancy model, the ptxas parsing, the recorded Triton launches and
 one Triton kernel compiled for sm_90 (no GPU needed)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks import kernel_report as report
+from tests.utils import run_python_compiled
 
 PTXAS_LOG = """\
 ptxas info    : 0 bytes gmem
@@ -60,24 +57,16 @@ def test_minimal_bytes_of_patch_pool():
     assert report.minimal_bytes("patch_pool", "fwd", "fp32", 256) == x + pos + tokens + index
 
 
-def _in_subprocess(code: str):
-    """Runs `code` without the Triton interpreter (the report compiles, it does not interpret)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=root)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
 
 
 def test_quick_report_of_the_triton_kernels(tmp_path):
     # The CI form of `python -m benchmarks.kernel_report`: every Triton kernel of every op compiled
     # for sm_90 at the paper batch (bf16). The CUDA rows need nvcc and minutes: left to --backend cuda.
-    out = _in_subprocess(
+    out = run_python_compiled([
+        "-c",
         "from benchmarks import kernel_report as r\n"
-        f"r.main(['--quick', '--backend', 'triton', '--json', {str(tmp_path / 'report.json')!r}])\n"
-    )
+        f"r.main(['--quick', '--backend', 'triton', '--json', {str(tmp_path / 'report.json')!r}])\n",
+    ])
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     keys = {"op", "backend", "pass", "dtype", "batch", "paper_scale", "global_bytes", "minimal_bytes", "launches",
             "max_registers", "spills"}

@@ -4,10 +4,6 @@ Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/co
 TRITON_INTERPRET=1), which is slow: shapes stay small and each case is one launch where it can be.
 With a GPU the same tests run on CUDA tensors.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +13,7 @@ import apkernels
 from apkernels import _backend, reference
 from tests.test_api import op_samples
 from tests.utils import TOL, small_ints
+from tests.utils import run_python_compiled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = apkernels.OPS
@@ -377,11 +374,7 @@ def compile_every_kernel_for_sm90():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test above runs the compiled kernels")
 def test_kernels_compile_for_gpu_without_one(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]), TRITON_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_python_compiled([__file__], TRITON_CACHE_DIR=str(tmp_path))
 
 
 if __name__ == "__main__":

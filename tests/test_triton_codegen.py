@@ -1,15 +1,11 @@
 """What the Triton kernels compile to for sm_90 (no GPU needed): properties the interpreter cannot
 show, such as 32-bit address arithmetic that would overflow at 2^31 elements."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.utils import run_python_compiled
 
 TTIR_OF_BATCH_SUM = """
 import triton, triton.language as tl
@@ -24,20 +20,13 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 """
 
 
-def compile_in_subprocess(code: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs compile the kernels themselves")
 def test_batch_sum_has_no_32bit_multiply_in_its_addresses():
     # B and numel both fit int32 (Triton specialises them as i32) while B * numel may not: the
     # kernel must not form that product in 32 bits (it walks the rows by advancing its pointers).
-    ttir = compile_in_subprocess(TTIR_OF_BATCH_SUM)
+    ttir = run_python_compiled(["-c", TTIR_OF_BATCH_SUM])
     products = re.findall(r"arith\.muli .*", ttir)
     assert not [p for p in products if re.search(r"(: i32|xi32>)", p)], products
 

@@ -1,4 +1,9 @@
 """Shared test helpers: devices, backends, tolerances, exactly-summable inputs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +43,17 @@ def interpreted(device, backend) -> bool:
     CUDA emulator): slow, so tests give it small shapes only and leave the paper-scale grid to the
     compiled backends."""
     return backend in ("triton", "cuda") and torch.device(device).type == "cpu"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python_compiled(args, **env_updates) -> str:
+    """`python ARGS` from the repository root without the Triton interpreter (the tests that compile
+    Triton kernels for sm_90 without a GPU): its stdout; a failure shows the end of its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(env_updates)
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
