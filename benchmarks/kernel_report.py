@@ -533,9 +533,9 @@ def kernel_entry(name, resources, grid, threads, dynamic_shared):
     }
 
 
-def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False) -> list:
+def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False, ops=OPS) -> list:
     rows = []
-    for op in OPS:
+    for op in ops:
         for pass_ in PASSES:
             for dtype in dtypes:
                 for batch in batches:
@@ -552,15 +552,15 @@ def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False) -> list:
     return rows
 
 
-def emulated_traffic_rows(batches, dtypes) -> list:
+def emulated_traffic_rows(batches, dtypes, ops=OPS) -> list:
     """CUDA rows with the emulator's launches and global bytes only (no nvcc: no kernel resources)."""
     return [make_row(op, "cuda", pass_, dtype, batch, [], counters=emulated_counters(op, pass_, dtype, batch))
-            for op in OPS for pass_ in PASSES for dtype in dtypes for batch in batches]
+            for op in ops for pass_ in PASSES for dtype in dtypes for batch in batches]
 
 
-def triton_rows(batches, dtypes) -> list:
+def triton_rows(batches, dtypes, ops=OPS) -> list:
     rows, cache = [], {}
-    for op in OPS:
+    for op in ops:
         for pass_ in PASSES:
             for dtype in dtypes:
                 for batch in batches:
@@ -660,6 +660,9 @@ def main(argv=None) -> int:
                              "(apkernels._emulation; slow: every CUDA thread is a fiber)")
     parser.add_argument("--quick", action="store_true", help="paper batch and bf16 only (the CI smoke run)")
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="only these backends")
+    parser.add_argument("--op", choices=OPS, action="append", help="only these ops")
+    parser.add_argument("--dtype", choices=DTYPES, action="append", help="only these dtypes")
+    parser.add_argument("--batch", type=int, action="append", help="only these batch sizes")
     parser.add_argument("--csrc", type=Path, default=ROOT / "csrc",
                         help="the C++/CUDA source tree to compile (default: this checkout's csrc; e.g. an older "
                              "commit's, exported with git archive, for a before/after comparison)")
@@ -670,19 +673,22 @@ def main(argv=None) -> int:
 
     batches = (256,) if args.quick else sorted({b for spec in common.OPS.values() for b in spec.batches})
     dtypes = ("bf16",) if args.quick else DTYPES
+    batches = tuple(args.batch) if args.batch else batches
+    dtypes = tuple(args.dtype) if args.dtype else dtypes
+    ops = tuple(args.op) if args.op else OPS
     backends = args.backend or BACKENDS
     rows = []
     if "cuda" in backends:
         if find_nvcc() is None and args.emulated_counters:
             print("kernel_report: nvcc not found: CUDA rows carry the emulator's traffic only", file=sys.stderr)
-            rows += emulated_traffic_rows(batches, dtypes)
+            rows += emulated_traffic_rows(batches, dtypes, ops)
         elif find_nvcc() is None:
             print("kernel_report: nvcc not found: CUDA rows skipped", file=sys.stderr)
         else:
             resources = cuda_resources(progress=lambda m: print(m, file=sys.stderr), csrc=args.csrc)
-            rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters)
+            rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters, ops=ops)
     if "triton" in backends:
-        rows += triton_rows(batches, dtypes)
+        rows += triton_rows(batches, dtypes, ops)
     with_kernels = [r for r in rows if r["kernels"]]  # (none when only the emulator's traffic was measured)
     tables = [format_table(with_kernels)] if with_kernels else []
     measured = [r for r in rows if r["global_bytes"] is not None]
