@@ -192,6 +192,10 @@ def extension():
 EMULATION_MUTANTS = {
     # name: (source, text, mutated text) -- compiled as ops apkernels::<op>_cuda_mutant_<name>
     "off_by_one": ("csrc/ops/cuda/patch_pool_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
+    # patch_pool's cluster kernel with one buffer of partial scores instead of two: a block writes the
+    # next image's partials while the others may still read the previous image's (a DSMEM race).
+    "single_buffer": ("csrc/ops/cuda/patch_pool_kernel.cu", "float* my_part = part + (iteration & 1) * n;",
+                      "float* my_part = part;"),
 }
 
 

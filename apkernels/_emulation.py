@@ -17,7 +17,7 @@ from . import _library
 SUFFIX = _library.EMULATED_SUFFIX  # its schemas, fake kernels and autograd come with the other suffixes
 # Deliberately broken builds of the kernels (setup.py EMULATION_MUTANTS): `<op>_cuda_mutant_<name>`,
 # schemas only (tests/test_cuda_emulation.py calls them directly).
-MUTANT_SUFFIXES = ("_cuda_mutant_off_by_one",)
+MUTANT_SUFFIXES = ("_cuda_mutant_off_by_one", "_cuda_mutant_single_buffer")
 
 _C_emulated = None
 LOAD_ERROR = None

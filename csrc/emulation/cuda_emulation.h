@@ -60,6 +60,17 @@ dim3 grid_dim();
 
 void syncthreads(const char* file, int line);
 
+// Thread-block clusters (cooperative_groups::this_cluster(), shim/cooperative_groups.h): the blocks
+// of a cluster run together (as fibers of one OS thread, one block at a time between barriers), so
+// cluster.sync() and distributed shared memory work; a block's shared memory seen from another block
+// of its cluster is that block's parked copy, checked like local shared memory (races, bounds,
+// uninitialised reads), and not counted as global traffic.
+constexpr unsigned kMaxClusterBlocks = 8;  // the portable cluster size
+void cluster_sync(const char* file, int line);
+unsigned cluster_block_rank();
+dim3 cluster_dim();
+void* map_shared_rank(const void* address, unsigned rank, const char* file, int line);
+
 enum class Collective : int { Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, MatchAny, SyncWarp };
 
 // One warp collective: `bytes` of `value` in, `bytes` (or 4 for votes) of `result` out. `arg` is
@@ -78,6 +89,7 @@ struct LaunchConfig {
   int line;
   dim3 grid, block;
   size_t shared_bytes;
+  dim3 cluster;  // blocks per cluster: (1, 1, 1) for a plain launch
 };
 
 // Runs `body(closure)` on every thread of the grid. `pointers` are the kernel's pointer arguments:
@@ -87,9 +99,11 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
 // Inside a fiber: from now on the fiber's accesses are checked (the kernel body starts).
 void begin_kernel();
 
-// The emulated device: shared memory per block (the opt-in limit kernels plan with) and SMs.
+// The emulated device: shared memory per block (the opt-in limit kernels plan with), SMs, and the
+// compute capability it presents (major * 10 + minor: 90 unless a test sets another).
 size_t shared_memory_limit();
 int multiprocessor_count();
+int compute_capability();
 
 constexpr size_t kMaxDynamicSharedBytes = 232448;  // H100's opt-in limit (227 KB)
 int register_dynamic_shared(const void* address_on_this_thread, size_t bytes);
@@ -138,8 +152,8 @@ struct Launcher {
 
 template <typename... P>
 Launcher<P...> make_launcher(void (*kernel)(P...), const char* name, const char* file, int line, dim3 grid,
-                             dim3 block, size_t shared_bytes) {
-  return Launcher<P...>{kernel, LaunchConfig{name, file, line, grid, block, shared_bytes}};
+                             dim3 block, size_t shared_bytes, dim3 cluster = dim3(1, 1, 1)) {
+  return Launcher<P...>{kernel, LaunchConfig{name, file, line, grid, block, shared_bytes, cluster}};
 }
 
 // ---- device functions -------------------------------------------------------------------------
@@ -394,6 +408,9 @@ inline __half __hmul(__half a, __half b) { return __half(static_cast<float>(a) *
 #define APK_LAUNCH(grid, block, shared_bytes, stream, ...)                                                  \
   (static_cast<void>(stream), ::apk_emu::make_launcher(__VA_ARGS__, #__VA_ARGS__, __FILE__, __LINE__, grid, \
                                                        block, shared_bytes))
+#define APK_LAUNCH_CLUSTER(grid, block, cluster, shared_bytes, stream, ...)                                 \
+  (static_cast<void>(stream), ::apk_emu::make_launcher(__VA_ARGS__, #__VA_ARGS__, __FILE__, __LINE__, grid, \
+                                                       block, shared_bytes, cluster))
 #define APK_CUDA_DEVICE_TYPE c10::DeviceType::CPU
 #ifndef APK_EMU_OP_SUFFIX
 #define APK_EMU_OP_SUFFIX "_cuda_emulated"

@@ -211,10 +211,11 @@ std::vector<DynamicShared>& dynamic_shared() {
 // ---- emulated device ----------------------------------------------------------------------------
 
 size_t g_shared_limit = kMaxDynamicSharedBytes;
+int g_compute_capability = 90;  // sm_90: thread-block clusters and distributed shared memory
 int g_multiprocessors = 4;  // few SMs: grid-stride loops get several iterations at small sizes
 
 struct Mutation {
-  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane", "wrong_source_lane"
+  std::string kind;  // "" none, "skip_syncthreads", "divergent_syncthreads", "drop_mask_lane", "wrong_source_lane", "skip_cluster_sync"
   std::string file;  // suffix of the call site's file
   int line = 0;
   int hits = 0;
@@ -231,7 +232,7 @@ bool mutation_at(const char* kind, const char* file, int line) {
 
 // ---- launches -----------------------------------------------------------------------------------
 
-enum class State : uint8_t { Runnable, Barrier, Collective, Exited };
+enum class State : uint8_t { Runnable, Barrier, ClusterBarrier, Collective, Exited };
 
 struct Fiber {
   ucontext_t ctx;
@@ -255,23 +256,26 @@ struct Region {
   std::vector<uint64_t> read_bits, write_bits;
 };
 
-// Shadow state of one byte of shared memory (the TLS block). Epochs are global counters, so stale
-// entries from earlier blocks never match and nothing needs clearing between blocks.
+// Shadow state of one byte of shared memory (the TLS block; one shadow per block rank of a cluster).
+// Epochs are global counters, so stale entries from earlier blocks never match and nothing needs
+// clearing between blocks. Threads are named by their cluster-wide id (rank * threads + tid), warps
+// likewise (rank * warps + warp), so accesses through distributed shared memory (another block of
+// the cluster) are recorded like local ones.
 struct Cell {
   uint32_t init_block = 0;  // block serial of the last write
-  uint32_t w_epoch = 0;     // last plain write: block epoch, thread, its warp's epoch
+  uint32_t w_epoch = 0;     // last plain write: the writer's block epoch, thread, its warp's epoch
   uint16_t w_tid = 0, w_wepoch = 0;
-  uint32_t r_epoch = 0;  // plain reads since: first reader, or several (multi; same warp or 0xFFFF)
-  uint16_t r_tid = 0, r_wepoch = 0, r_warp = 0;
+  uint32_t r_epoch = 0;  // plain reads since: first reader, or several (multi: latest epoch; same
+  uint16_t r_tid = 0, r_wepoch = 0, r_warp = 0, r_rank = 0;  // warp / rank or 0xFFFF)
   uint8_t r_multi = 0;
   uint32_t a_epoch = 0;  // atomics, same scheme
-  uint16_t a_tid = 0, a_wepoch = 0, a_warp = 0;
+  uint16_t a_tid = 0, a_wepoch = 0, a_warp = 0, a_rank = 0;
   uint8_t a_multi = 0;
 };
 
 struct LaunchRecord {
   std::string kernel, site;
-  dim3 grid, block;
+  dim3 grid, block, cluster;
   size_t shared_bytes = 0;
   uint64_t read = 0, written = 0, read_distinct = 0, written_distinct = 0;
 };
@@ -282,26 +286,55 @@ std::vector<LaunchRecord> g_records;
 std::vector<char*> g_stacks;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
-std::vector<Cell> g_shadow;
 uint32_t g_epoch = 0;
 uint32_t g_block_serial = 0;
 
-struct Launch {
+// Zero-filled memory committed page by page as it is touched (shadows, parked shared memory).
+void* lazy_zeroed(size_t bytes) {
+  void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  TORCH_CHECK(m != MAP_FAILED, "apkernels CUDA emulation: cannot map ", bytes, " bytes");
+  return m;
+}
+
+// Per block rank of a cluster (rank 0 only without clusters): the shadow of its shared memory and,
+// in a cluster launch, the buffer its shared memory is parked in while another block runs.
+struct RankMemory {
+  Cell* shadow = nullptr;
+  unsigned char* parked = nullptr;
+};
+std::vector<RankMemory> g_ranks;
+
+// The state of one block (CTA). A launch runs the blocks of one cluster at a time as fibers of this
+// OS thread; the running block's state is the Launch itself (a Launch is a Cta), the others wait in
+// Launch::parked, and their shared memory in RankMemory::parked (the __shared__ variables are this
+// OS thread's thread_local block, so only one block's shared memory can be in place).
+struct Cta {
+  uint3 block_index{0, 0, 0};
+  uint32_t block_epoch = 0, block_serial = 0;
+  int barrier_arrived = 0;
+  int live = 0;  // threads not exited
+  std::vector<Fiber> fibers;
+  std::vector<uint16_t> warp_epoch;
+  std::vector<unsigned> warp_arrived;  // lanes waiting in the warp's pending collective
+  std::vector<unsigned> warp_mask;     // its mask
+};
+
+struct Launch : Cta {
   LaunchConfig config;
   std::string name;
   void (*body)(void*) = nullptr;
   void* closure = nullptr;
   std::vector<Region> regions;
   size_t last_region = 0;
-  std::vector<Fiber> fibers;
-  int threads = 0;
-  int current = 0;
-  uint3 block_index{0, 0, 0};
-  uint32_t block_epoch = 0, block_serial = 0;
-  std::vector<uint16_t> warp_epoch;
-  int barrier_arrived = 0;
-  std::vector<unsigned> warp_arrived;  // lanes waiting in the warp's pending collective
-  std::vector<unsigned> warp_mask;     // its mask
+  int threads = 0;  // per block
+  int current = 0;  // running thread of the running block
+  int rank = 0;     // the running block's rank in its cluster
+  int ranks = 1;    // blocks per cluster
+  std::vector<Cta> parked;  // [ranks]; parked[rank] is empty while that block runs
+  int cluster_arrived = 0;  // threads waiting in cluster.sync()
+  // Accesses with an epoch below this happened before the last cluster barrier (or the cluster's
+  // start): ordered before everything that runs now.
+  uint32_t cluster_mark = 0;
   uintptr_t tls_lo = 0, tls_hi = 0;
   std::vector<std::pair<uintptr_t, uintptr_t>> dynamic;  // [base, base + max) of the dynamic buffers
   bool failed = false;
@@ -345,7 +378,9 @@ std::string thread_name(const Launch& L, int tid) {
 std::string where(const Launch& L, int tid) {
   std::ostringstream s;
   s << "kernel " << L.config.kernel << " (launched at " << site(L.config.file, L.config.line) << "), block ("
-    << L.block_index.x << "," << L.block_index.y << "," << L.block_index.z << "), thread " << thread_name(L, tid);
+    << L.block_index.x << "," << L.block_index.y << "," << L.block_index.z << ")";
+  if (L.ranks > 1) s << " (cluster rank " << L.rank << ")";
+  s << ", thread " << thread_name(L, tid);
   return s.str();
 }
 
@@ -391,37 +426,62 @@ struct Unchecked {
   }
 };
 
-inline bool ordered(const Launch& L, uint32_t epoch, uint16_t tid, uint16_t wepoch, int cur) {
-  if (epoch != L.block_epoch || tid == cur) return true;
-  const int warp = cur / 32;
-  return tid / 32 == warp && L.warp_epoch[warp] != wepoch;
+// Cluster-wide names: thread rank * threads + tid, warp rank * warps + warp.
+inline int cluster_tid(const Launch& L, int tid) { return L.rank * L.threads + tid; }
+inline int cluster_warp(const Launch& L, int tid) { return L.rank * static_cast<int>(L.warp_epoch.size()) + tid / 32; }
+
+// Does an access recorded as (epoch, thread) happen before the running thread `cur` (block-local id)
+// accesses now? Yes when it is the same thread, came before the last cluster barrier, or came from
+// this block before its last __syncthreads (or from this warp before its last __syncwarp).
+inline bool ordered(const Launch& L, uint32_t epoch, uint16_t ctid, uint16_t wepoch, int cur) {
+  if (ctid == cluster_tid(L, cur) || epoch < L.cluster_mark) return true;
+  if (ctid / L.threads != L.rank) return false;  // another block of the cluster, since the cluster barrier
+  if (epoch != L.block_epoch) return true;
+  const int tid = ctid % L.threads;
+  return tid / 32 == cur / 32 && L.warp_epoch[cur / 32] != wepoch;
 }
 
-inline bool readers_ordered(const Launch& L, uint32_t epoch, uint16_t tid, uint16_t wepoch, uint16_t warp,
-                            uint8_t multi, int cur) {
-  if (epoch != L.block_epoch) return true;
-  if (!multi) return ordered(L, epoch, tid, wepoch, cur);
-  return warp == cur / 32 && L.warp_epoch[warp] != wepoch;
+inline bool readers_ordered(const Launch& L, uint32_t epoch, uint16_t ctid, uint16_t wepoch, uint16_t cwarp,
+                            uint16_t rank, uint8_t multi, int cur) {
+  if (epoch < L.cluster_mark) return true;
+  if (!multi) return ordered(L, epoch, ctid, wepoch, cur);
+  if (rank != L.rank) return false;        // readers in other blocks (or several blocks)
+  if (epoch != L.block_epoch) return true;  // the latest reader of this block came before its barrier
+  return cwarp == cluster_warp(L, cur) && L.warp_epoch[cur / 32] != wepoch;
 }
 
 enum class Access { Read, Write, Atomic };
 
-[[noreturn]] void race(const Launch& L, int tid, Access access, uintptr_t a, int bytes, const char* other,
-                       int other_tid, const void* pc) {
+// `a`: the address in the running block's view (its own shared memory, or the parked memory of block
+// rank `owner` reached through distributed shared memory); `offset`: from the start of shared memory.
+[[noreturn]] void race(const Launch& L, int tid, Access access, uintptr_t a, size_t offset, int owner, int bytes,
+                       const char* other, int other_ctid, const void* pc) {
   std::ostringstream s;
   const char* what = access == Access::Read ? "read" : access == Access::Write ? "write" : "atomic";
   s << "shared-memory data race in " << where(L, tid) << ": " << what << " of " << bytes << " bytes at address "
-    << hex(a) << " (shared offset " << (a - L.tls_lo) << ") conflicts with " << other << " by thread ";
-  if (other_tid >= 0) {
-    s << thread_name(L, other_tid);
+    << hex(a) << " (shared offset " << offset;
+  if (owner != L.rank) s << " of cluster rank " << owner << ", through distributed shared memory";
+  s << ") conflicts with " << other << " by thread ";
+  if (other_ctid >= 0) {
+    s << thread_name(L, other_ctid % L.threads);
+    if (L.ranks > 1) s << " of cluster rank " << other_ctid / L.threads;
   } else {
     s << "(several)";
   }
-  s << " since the last barrier" << code_address(pc);
+  s << (L.ranks > 1 ? " since the last barrier (__syncthreads of its block, or cluster.sync())" : " since the last barrier")
+    << code_address(pc);
   fail(s.str());
 }
 
-void shared_access(Launch& L, int tid, uintptr_t a, int bytes, Access access, const void* pc) {
+// An access of `bytes` at `a` to the shared memory of block rank `owner` (L.rank: the running block's
+// own; else through distributed shared memory, `a` then lies in that block's parked memory).
+void shared_access(Launch& L, int tid, uintptr_t a, int bytes, Access access, const void* pc, int owner) {
+  const uintptr_t view = owner == L.rank ? L.tls_lo : reinterpret_cast<uintptr_t>(g_ranks[owner].parked);
+  const uintptr_t view_a = a;
+  a = a - view + L.tls_lo;  // the same byte in the thread_local block's coordinates
+  const Cta& owner_cta = owner == L.rank ? static_cast<const Cta&>(L) : L.parked[owner];
+  Cell* shadow = g_ranks[owner].shadow;
+  const int ctid = cluster_tid(L, tid), cwarp = cluster_warp(L, tid);
   for (const auto& [lo, hi] : L.dynamic) {
     if (a >= lo && a < hi && a + bytes > lo + L.config.shared_bytes) {
       fail("dynamic shared memory out of bounds in " + where(L, tid) + ": " + std::to_string(bytes) +
@@ -429,50 +489,59 @@ void shared_access(Launch& L, int tid, uintptr_t a, int bytes, Access access, co
            std::to_string(L.config.shared_bytes) + " bytes" + code_address(pc));
     }
   }
-  const int warp = tid / 32;
-  const uint16_t wepoch = L.warp_epoch[warp];
+  const uint16_t wepoch = L.warp_epoch[tid / 32];
   for (int i = 0; i < bytes; ++i) {
     const uintptr_t byte = a + i;
     if (byte >= L.tls_hi) break;
-    Cell& c = g_shadow[byte - L.tls_lo];
-    if (access != Access::Write && c.init_block != L.block_serial) {
-      fail("read of uninitialised shared memory in " + where(L, tid) + ": address " + hex(a) + " (shared offset " +
-           std::to_string(a - L.tls_lo) + ") was not written by this block" + code_address(pc));
+    Cell& c = shadow[byte - L.tls_lo];
+    const size_t offset = a - L.tls_lo;
+    if (access != Access::Write && c.init_block != owner_cta.block_serial) {
+      fail("read of uninitialised shared memory in " + where(L, tid) + ": address " + hex(view_a) + " (shared offset " +
+           std::to_string(offset) + (owner == L.rank ? ") was not written by this block"
+                                                     : " of cluster rank " + std::to_string(owner) +
+                                                           ", through distributed shared memory) was not written by that block") +
+           code_address(pc));
     }
-    if (c.w_epoch && !ordered(L, c.w_epoch, c.w_tid, c.w_wepoch, tid)) race(L, tid, access, a, bytes, "a write", c.w_tid, pc);
+    if (c.w_epoch && !ordered(L, c.w_epoch, c.w_tid, c.w_wepoch, tid)) {
+      race(L, tid, access, view_a, offset, owner, bytes, "a write", c.w_tid, pc);
+    }
     if (access != Access::Atomic && c.a_epoch &&
-        !readers_ordered(L, c.a_epoch, c.a_tid, c.a_wepoch, c.a_warp, c.a_multi, tid)) {
-      race(L, tid, access, a, bytes, "an atomic", c.a_multi ? -1 : c.a_tid, pc);
+        !readers_ordered(L, c.a_epoch, c.a_tid, c.a_wepoch, c.a_warp, c.a_rank, c.a_multi, tid)) {
+      race(L, tid, access, view_a, offset, owner, bytes, "an atomic", c.a_multi ? -1 : c.a_tid, pc);
     }
     if (access != Access::Read && c.r_epoch &&
-        !readers_ordered(L, c.r_epoch, c.r_tid, c.r_wepoch, c.r_warp, c.r_multi, tid)) {
-      race(L, tid, access, a, bytes, "a read", c.r_multi ? -1 : c.r_tid, pc);
+        !readers_ordered(L, c.r_epoch, c.r_tid, c.r_wepoch, c.r_warp, c.r_rank, c.r_multi, tid)) {
+      race(L, tid, access, view_a, offset, owner, bytes, "a read", c.r_multi ? -1 : c.r_tid, pc);
     }
-    auto add = [&](uint32_t& epoch, uint16_t& t, uint16_t& we, uint16_t& w, uint8_t& multi) {
-      const bool fresh = epoch != L.block_epoch || (!multi && (t == tid || (t / 32 == warp && we != wepoch)));
-      if (fresh) {
+    // Add the running thread to a reader (or atomic) set: it replaces the set when every earlier
+    // member happened before it, else the set becomes "several" (latest epoch, common warp / rank).
+    auto add = [&](uint32_t& epoch, uint16_t& t, uint16_t& we, uint16_t& w, uint16_t& rk, uint8_t& multi) {
+      if (readers_ordered(L, epoch, t, we, w, rk, multi, tid)) {
         epoch = L.block_epoch;
-        t = static_cast<uint16_t>(tid);
-        w = static_cast<uint16_t>(warp);
+        t = static_cast<uint16_t>(ctid);
+        w = static_cast<uint16_t>(cwarp);
+        rk = static_cast<uint16_t>(L.rank);
         multi = 0;
       } else {
         multi = 1;
-        if (w != warp) w = 0xFFFF;
+        epoch = std::max(epoch, L.block_epoch);
+        if (w != cwarp) w = 0xFFFF;
+        if (rk != L.rank) rk = 0xFFFF;
       }
       we = wepoch;
     };
     if (access == Access::Read) {
-      add(c.r_epoch, c.r_tid, c.r_wepoch, c.r_warp, c.r_multi);
+      add(c.r_epoch, c.r_tid, c.r_wepoch, c.r_warp, c.r_rank, c.r_multi);
     } else if (access == Access::Atomic) {
-      add(c.a_epoch, c.a_tid, c.a_wepoch, c.a_warp, c.a_multi);
-      c.init_block = L.block_serial;
+      add(c.a_epoch, c.a_tid, c.a_wepoch, c.a_warp, c.a_rank, c.a_multi);
+      c.init_block = owner_cta.block_serial;
     } else {
       c.w_epoch = L.block_epoch;
-      c.w_tid = static_cast<uint16_t>(tid);
+      c.w_tid = static_cast<uint16_t>(ctid);
       c.w_wepoch = wepoch;
       c.r_epoch = 0;
       c.a_epoch = 0;
-      c.init_block = L.block_serial;
+      c.init_block = owner_cta.block_serial;
     }
   }
 }
@@ -490,8 +559,26 @@ void check_access(const void* address, size_t bytes, Access access, const void* 
   Launch& L = *t_launch;
   const int tid = L.current;
   if (a >= L.tls_lo && a < L.tls_hi) {
-    shared_access(L, tid, a, static_cast<int>(bytes), access, pc);
+    shared_access(L, tid, a, static_cast<int>(bytes), access, pc, L.rank);
     return;
+  }
+  if (L.ranks > 1) {  // distributed shared memory: another block's parked shared memory
+    const size_t tls_bytes = L.tls_hi - L.tls_lo;
+    for (int r = 0; r < L.ranks; ++r) {
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(g_ranks[r].parked);
+      if (a < lo || a >= lo + tls_bytes) continue;
+      if (r == L.rank) {
+        fail("access to the running block's own shared memory through a pointer map_shared_rank gave another "
+             "block in " + where(L, tid) + code_address(pc));
+      }
+      if (L.parked[r].live == 0) {
+        fail("distributed shared memory access in " + where(L, tid) + " to cluster rank " + std::to_string(r) +
+             ", whose threads have all exited (a block's shared memory ends with it: cluster.sync() before exit)" +
+             code_address(pc));
+      }
+      shared_access(L, tid, a, static_cast<int>(bytes), access, pc, r);
+      return;
+    }
   }
   const size_t n = L.regions.size();
   for (size_t k = 0; k < n; ++k) {
@@ -601,6 +688,10 @@ std::string deadlock(const Launch& L) {
           << site(g.file, g.line);
         break;
       }
+      if (g.state == State::ClusterBarrier) {
+        s << "; thread " << thread_name(L, t) << " waits in cluster.sync() at " << site(g.file, g.line);
+        break;
+      }
     }
     return s.str();
   }
@@ -613,41 +704,120 @@ std::string deadlock(const Launch& L) {
   return s.str();
 }
 
-void run_block(Launch& L) {
-  const int n = L.threads;
-  L.block_serial = ++g_block_serial;
-  L.block_epoch = ++g_epoch;
-  L.barrier_arrived = 0;
-  std::fill(L.warp_arrived.begin(), L.warp_arrived.end(), 0u);
-  for (int t = 0; t < n; ++t) {
-    Fiber& f = L.fibers[t];
-    f.state = State::Runnable;
-    f.checking = false;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = g_stacks[t] + kGuardBytes;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    f.stack_lo = reinterpret_cast<uintptr_t>(g_stacks[t] + kGuardBytes);
-    f.stack_hi = f.stack_lo + kStackBytes;
-    makecontext(&f.ctx, &fiber_entry, 0);
-  }
-  int live = n;
-  while (live > 0) {
-    bool ran = false;
-    for (int t = 0; t < n; ++t) {
-      Fiber& f = L.fibers[t];
-      if (f.state != State::Runnable) continue;
-      L.current = t;
-      t_fiber = &f;
-      swapcontext(&L.scheduler, &f.ctx);
-      t_fiber = nullptr;
-      ran = true;
-      if (L.failed) return;
-      if (f.state == State::Exited) --live;
+Cta& cta(Launch& L, int r) { return r == L.rank ? static_cast<Cta&>(L) : L.parked[r]; }
+
+// Makes block rank r the running block: its state into the Launch, its shared memory into the
+// thread_local block (the previous block's parked). The runtime's own thread_locals (t_launch,
+// t_fiber) live in the same block: kept across the copy.
+void switch_block(Launch& L, int r) {
+  if (r == L.rank) return;
+  std::swap(static_cast<Cta&>(L), L.parked[L.rank]);
+  std::swap(static_cast<Cta&>(L), L.parked[r]);
+  Launch* launch = t_launch;
+  Fiber* fiber = t_fiber;
+  unsigned char* tls = reinterpret_cast<unsigned char*>(L.tls_lo);
+  const size_t bytes = L.tls_hi - L.tls_lo;
+  std::memcpy(g_ranks[L.rank].parked, tls, bytes);
+  std::memcpy(tls, g_ranks[r].parked, bytes);
+  t_launch = launch;
+  t_fiber = fiber;
+  L.rank = r;
+}
+
+std::string cluster_deadlock(Launch& L) {
+  // A __syncthreads some threads of a block never reach, or a collective: the block's own report.
+  for (State wanted : {State::Barrier, State::Collective}) {
+    for (int r = 0; r < L.ranks; ++r) {
+      for (const Fiber& f : cta(L, r).fibers) {
+        if (f.state == wanted) {
+          switch_block(L, r);
+          return deadlock(L);
+        }
+      }
     }
-    if (!ran && live > 0) {
+  }
+  // Otherwise threads wait in cluster.sync() that others never reach (they exited).
+  std::ostringstream s;
+  const Fiber* waiting = nullptr;
+  int exited = 0, exited_rank = -1, exited_tid = -1;
+  for (int r = 0; r < L.ranks; ++r) {
+    const std::vector<Fiber>& fibers = cta(L, r).fibers;
+    for (int t = 0; t < L.threads; ++t) {
+      if (fibers[t].state == State::ClusterBarrier && waiting == nullptr) waiting = &fibers[t];
+      if (fibers[t].state == State::Exited && exited++ == 0) {
+        exited_rank = r;
+        exited_tid = t;
+      }
+    }
+  }
+  s << "cluster.sync() at " << (waiting ? site(waiting->file, waiting->line) : "?") << " in kernel " << L.config.kernel
+    << " (launched at " << site(L.config.file, L.config.line) << ") is not reached by every thread of the cluster: "
+    << L.cluster_arrived << " of " << L.ranks * L.threads << " threads wait there";
+  if (exited_rank >= 0) {
+    s << "; thread " << thread_name(L, exited_tid) << " of cluster rank " << exited_rank << " exited (" << exited
+      << " threads exited)";
+  }
+  return s.str();
+}
+
+// Runs the blocks of one cluster (one block without clusters) to completion: each block's fibers run
+// until all of them wait (in a barrier, a collective, cluster.sync()) or exited, then the next block.
+void run_cluster(Launch& L, uint3 first_block) {
+  const int n = L.threads;
+  const dim3 cd = L.config.cluster;
+  L.cluster_mark = ++g_epoch;
+  L.cluster_arrived = 0;
+  for (int r = 0; r < L.ranks; ++r) {
+    Cta& C = cta(L, r);
+    C.block_index = uint3{first_block.x + r % cd.x, first_block.y + (r / cd.x) % cd.y, first_block.z + r / (cd.x * cd.y)};
+    C.block_serial = ++g_block_serial;
+    C.block_epoch = ++g_epoch;
+    C.barrier_arrived = 0;
+    C.live = n;
+    std::fill(C.warp_arrived.begin(), C.warp_arrived.end(), 0u);
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = C.fibers[t];
+      char* stack = g_stacks[static_cast<size_t>(r) * n + t];
+      f.state = State::Runnable;
+      f.checking = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stack + kGuardBytes;
+      f.ctx.uc_stack.ss_size = kStackBytes;
+      f.ctx.uc_link = nullptr;
+      f.stack_lo = reinterpret_cast<uintptr_t>(stack + kGuardBytes);
+      f.stack_hi = f.stack_lo + kStackBytes;
+      makecontext(&f.ctx, &fiber_entry, 0);
+    }
+  }
+  for (;;) {
+    bool ran = false, live = false;
+    for (int r = 0; r < L.ranks; ++r) {
+      Cta& C = cta(L, r);
+      if (C.live == 0) continue;
+      live = true;
+      if (std::none_of(C.fibers.begin(), C.fibers.end(), [](const Fiber& f) { return f.state == State::Runnable; })) {
+        continue;
+      }
+      switch_block(L, r);
+      for (bool again = true; again;) {
+        again = false;
+        for (int t = 0; t < n; ++t) {
+          Fiber& f = L.fibers[t];
+          if (f.state != State::Runnable) continue;
+          L.current = t;
+          t_fiber = &f;
+          swapcontext(&L.scheduler, &f.ctx);
+          t_fiber = nullptr;
+          ran = again = true;
+          if (L.failed) return;
+          if (f.state == State::Exited) --L.live;
+        }
+      }
+    }
+    if (!live) return;
+    if (!ran) {
       L.failed = true;
-      L.error = "apkernels CUDA emulation: " + deadlock(L);
+      L.error = "apkernels CUDA emulation: " + cluster_deadlock(L);
       return;
     }
   }
@@ -761,6 +931,49 @@ void syncthreads(const char* file, int line) {
   yield();
 }
 
+void cluster_sync(const char* file, int line) {
+  Unchecked unchecked;
+  Launch& L = *t_launch;
+  Fiber& f = *t_fiber;
+  if (mutation_at("skip_cluster_sync", file, line)) return;
+  f.state = State::ClusterBarrier;
+  f.file = file;
+  f.line = line;
+  if (++L.cluster_arrived == L.ranks * L.threads) {
+    // Everything before is ordered before everything after, in every block of the cluster.
+    L.cluster_arrived = 0;
+    L.cluster_mark = ++g_epoch;
+    for (int r = 0; r < L.ranks; ++r) {
+      Cta& C = cta(L, r);
+      C.block_epoch = ++g_epoch;
+      for (Fiber& g : C.fibers) {
+        if (g.state == State::ClusterBarrier) g.state = State::Runnable;
+      }
+    }
+    return;
+  }
+  yield();
+}
+
+unsigned cluster_block_rank() { return static_cast<unsigned>(t_launch->rank); }
+dim3 cluster_dim() { return t_launch->config.cluster; }
+
+void* map_shared_rank(const void* address, unsigned rank, const char* file, int line) {
+  Unchecked unchecked;
+  Launch& L = *t_launch;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(address);
+  if (a < L.tls_lo || a >= L.tls_hi) {
+    fail("map_shared_rank at " + site(file, line) + " in " + where(L, L.current) + ": address " + hex(a) +
+         " is not in this block's shared memory");
+  }
+  if (rank >= static_cast<unsigned>(L.ranks)) {
+    fail("map_shared_rank at " + site(file, line) + " in " + where(L, L.current) + ": rank " + std::to_string(rank) +
+         " is not below the cluster's " + std::to_string(L.ranks) + " blocks");
+  }
+  if (static_cast<int>(rank) == L.rank) return const_cast<void*>(address);
+  return g_ranks[rank].parked + (a - L.tls_lo);
+}
+
 void collective(Collective kind, unsigned mask, const void* value, int bytes, int arg, int width, void* result,
                 const char* file, int line) {
   Unchecked unchecked;
@@ -825,6 +1038,7 @@ void kernel_assert_failed(const char* condition, const char* file, int line) {
 }
 
 size_t shared_memory_limit() { return g_shared_limit; }
+int compute_capability() { return g_compute_capability; }
 int multiprocessor_count() { return g_multiprocessors; }
 
 int register_dynamic_shared(const void* address, size_t bytes) {
@@ -845,6 +1059,16 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
               ",", b.z, ") for kernel ", config.kernel);
   TORCH_CHECK(config.shared_bytes <= g_shared_limit, "apkernels CUDA emulation: kernel ", config.kernel, " asks for ",
               config.shared_bytes, " bytes of dynamic shared memory, the emulated device allows ", g_shared_limit);
+  const dim3 cd = config.cluster;
+  const uint64_t ranks = uint64_t(cd.x) * cd.y * cd.z;
+  TORCH_CHECK(ranks >= 1 && ranks <= kMaxClusterBlocks, "apkernels CUDA emulation: cluster (", cd.x, ",", cd.y, ",",
+              cd.z, ") of kernel ", config.kernel, " has ", ranks, " blocks; the portable limit is ", kMaxClusterBlocks);
+  TORCH_CHECK(ranks == 1 || g_compute_capability >= 90, "apkernels CUDA emulation: kernel ", config.kernel,
+              " launched with a cluster on an emulated device of compute capability ", g_compute_capability / 10, ".",
+              g_compute_capability % 10, " (clusters need 9.0)");
+  TORCH_CHECK(g.x % cd.x == 0 && g.y % cd.y == 0 && g.z % cd.z == 0, "apkernels CUDA emulation: grid (", g.x, ",",
+              g.y, ",", g.z, ") of kernel ", config.kernel, " is not a multiple of its cluster (", cd.x, ",", cd.y, ",",
+              cd.z, ")");
 
   auto L = std::make_unique<Launch>();
   L->config = config;
@@ -854,11 +1078,16 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
   L->body = body;
   L->closure = closure;
   L->threads = static_cast<int>(threads);
+  L->ranks = static_cast<int>(ranks);
   const int warps = (L->threads + 31) / 32;
-  L->warp_epoch.assign(warps, 1);
-  L->warp_arrived.assign(warps, 0u);
-  L->warp_mask.assign(warps, 0u);
-  L->fibers.resize(L->threads);
+  L->parked.resize(L->ranks);
+  for (int r = 0; r < L->ranks; ++r) {
+    Cta& C = r == 0 ? static_cast<Cta&>(*L) : L->parked[r];
+    C.warp_epoch.assign(warps, 1);
+    C.warp_arrived.assign(warps, 0u);
+    C.warp_mask.assign(warps, 0u);
+    C.fibers.resize(L->threads);
+  }
   {
     std::lock_guard<std::mutex> lock(g_alloc_mutex);
     for (size_t i = 0; i < n_pointers; ++i) {
@@ -879,9 +1108,21 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
   const auto [lo, hi] = tls_block();
   L->tls_lo = lo;
   L->tls_hi = hi;
-  if (g_shadow.size() < hi - lo) g_shadow.resize(hi - lo);
+  while (g_ranks.size() < ranks) {
+    RankMemory m;
+    m.shadow = static_cast<Cell*>(lazy_zeroed((hi - lo) * sizeof(Cell)));
+    m.parked = static_cast<unsigned char*>(lazy_zeroed(hi - lo));
+    g_ranks.push_back(m);
+  }
   for (const DynamicShared& d : dynamic_shared()) L->dynamic.emplace_back(lo + d.offset, lo + d.offset + d.bytes);
-  while (g_stacks.size() < static_cast<size_t>(L->threads)) {
+  // A cluster launch moves shared memory in and out of the thread_local block: keep the rest of that
+  // block (host-side thread_locals of the module) as it was, and restore it afterwards.
+  std::vector<unsigned char> host_tls;
+  if (ranks > 1) {
+    host_tls.assign(reinterpret_cast<unsigned char*>(lo), reinterpret_cast<unsigned char*>(hi));
+    for (uint64_t r = 0; r < ranks; ++r) std::memcpy(g_ranks[r].parked, host_tls.data(), hi - lo);
+  }
+  while (g_stacks.size() < static_cast<size_t>(L->threads) * ranks) {
     void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
     TORCH_CHECK(m != MAP_FAILED, "apkernels CUDA emulation: cannot map a fiber stack");
@@ -891,13 +1132,14 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
 
   Launch* previous = t_launch;
   t_launch = L.get();
-  for (unsigned z = 0; z < g.z && !L->failed; ++z) {
-    for (unsigned y = 0; y < g.y && !L->failed; ++y) {
-      for (unsigned x = 0; x < g.x && !L->failed; ++x) {
-        L->block_index = uint3{x, y, z};
-        run_block(*L);
-      }
+  for (unsigned z = 0; z < g.z && !L->failed; z += cd.z) {
+    for (unsigned y = 0; y < g.y && !L->failed; y += cd.y) {
+      for (unsigned x = 0; x < g.x && !L->failed; x += cd.x) run_cluster(*L, uint3{x, y, z});
     }
+  }
+  if (ranks > 1) {
+    std::memcpy(reinterpret_cast<void*>(lo), host_tls.data(), hi - lo);
+    // The kernels' fibers are done with it; the copy above rewrote these two.
   }
   t_launch = previous;
   t_fiber = nullptr;
@@ -907,6 +1149,7 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
   rec.site = site(config.file, config.line);
   rec.grid = g;
   rec.block = b;
+  rec.cluster = cd;
   rec.shared_bytes = config.shared_bytes;
   rec.read = L->read;
   rec.written = L->written;
@@ -1011,6 +1254,7 @@ PYBIND11_MODULE(_C_emulated, m) {
       d["site"] = r.site;
       d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
       d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+      d["cluster"] = py::make_tuple(r.cluster.x, r.cluster.y, r.cluster.z);
       d["dynamic_shared_bytes"] = r.shared_bytes;
       d["global_read_bytes"] = r.read;
       d["global_write_bytes"] = r.written;
@@ -1019,7 +1263,7 @@ PYBIND11_MODULE(_C_emulated, m) {
       out.append(d);
     }
     return out;
-  }, "One dict per launch since the last reset_counters(): kernel, launch site, grid, block, "
+  }, "One dict per launch since the last reset_counters(): kernel, launch site, grid, block, cluster, "
      "dynamic shared bytes, global bytes read/written (total and distinct).");
   m.def("reset_counters", [] {
     std::lock_guard<std::mutex> lock(apk_emu::g_records_mutex);
@@ -1032,16 +1276,24 @@ PYBIND11_MODULE(_C_emulated, m) {
                       apk_emu::kMaxDynamicSharedBytes, " bytes, got ", bytes);
     apk_emu::g_shared_limit = bytes;
   });
+  m.def("compute_capability", [] { return py::make_tuple(apk_emu::g_compute_capability / 10, apk_emu::g_compute_capability % 10); },
+        "(major, minor) of the emulated device: (9, 0) unless set_compute_capability changed it.");
+  m.def("set_compute_capability", [](int major, int minor) {
+    TORCH_CHECK_VALUE(major >= 7 && major <= 12 && minor >= 0 && minor <= 9, "set_compute_capability: got ", major, ".",
+                      minor);
+    apk_emu::g_compute_capability = major * 10 + minor;
+  }, "Present the emulated device as another compute capability (e.g. 8, 0: no clusters; host code "
+     "then takes its pre-sm_90 paths).");
   m.def("set_mutation", [](const std::string& kind, const std::string& file, int line) {
     TORCH_CHECK_VALUE(kind.empty() || kind == "skip_syncthreads" || kind == "divergent_syncthreads" ||
-                          kind == "drop_mask_lane" || kind == "wrong_source_lane",
-                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads, drop_mask_lane or "
-                      "wrong_source_lane, got '",
+                          kind == "drop_mask_lane" || kind == "wrong_source_lane" || kind == "skip_cluster_sync",
+                      "set_mutation: kind must be skip_syncthreads, divergent_syncthreads, drop_mask_lane, "
+                      "wrong_source_lane or skip_cluster_sync, got '",
                       kind, "'");
     std::lock_guard<std::mutex> lock(apk_emu::g_launch_mutex);
     apk_emu::g_mutation = apk_emu::Mutation{kind, file, line, 0};
   }, "Runtime mutation at one call site (file suffix, line): skip a __syncthreads, skip it in odd warps, "
-     "drop lane 31 from a warp collective's mask, or shuffle from the lane after the source lane. kind='' "
-     "clears it.");
+     "drop lane 31 from a warp collective's mask, shuffle from the lane after the source lane, or skip a "
+     "cluster.sync(). kind='' clears it.");
   m.def("mutation_hits", [] { return apk_emu::g_mutation.hits; });
 }

@@ -19,6 +19,7 @@ struct cudaFuncAttributes {
 struct cudaDeviceProp {
   size_t sharedMemPerBlockOptin;
   int multiProcessorCount;
+  int major, minor;
 };
 
 template <typename Kernel>

@@ -15,6 +15,8 @@ inline cudaDeviceProp* getCurrentDeviceProperties() {
   thread_local cudaDeviceProp prop;
   prop.sharedMemPerBlockOptin = ::apk_emu::shared_memory_limit();
   prop.multiProcessorCount = ::apk_emu::multiprocessor_count();
+  prop.major = ::apk_emu::compute_capability() / 10;
+  prop.minor = ::apk_emu::compute_capability() % 10;
   return &prop;
 }
 
