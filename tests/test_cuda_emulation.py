@@ -70,13 +70,22 @@ def clean_emulator():
     yield
     emu.set_mutation("", "", 0)
     emu.set_shared_memory_limit(limit)
+    emu.set_compute_capability(9, 0)
+
+
+def before_sm90():
+    """Present the emulated device as sm_80: patch_pool then runs its pre-cluster kernel."""
+    emu.set_compute_capability(8, 0)
 
 
 def run_every_op():
     x, keep, pos = small_patch_case()
     xr = x.clone().requires_grad_()
-    tokens, index = apkernels.patch_pool(xr, keep, pos, backend="cuda")
+    tokens, index = apkernels.patch_pool(xr, keep, pos, backend="cuda")  # sm_90: the cluster kernel
     tokens.sum().backward()
+    before_sm90()
+    apkernels.patch_pool(x, keep, pos, backend="cuda")  # the one-block-per-image kernel
+    emu.set_compute_capability(9, 0)
     xt = torch.randn(2, 9, 8)
     q, k = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
     apkernels.token_pool(xt, q, k, 4, scale=0.5, backend="cuda")
@@ -116,6 +125,7 @@ def test_patch_pool_keys_in_global_memory(channels_last):
     C, H, W, limit = (2, 67, 67, 34816) if not channels_last else (6, 5, 7, 256)
     x, _, pos = small_patch_case(channels_last, C=C, H=H, W=W, keep=3)
     x = x[:1]
+    before_sm90()
     emu.set_shared_memory_limit(limit)
     _emulation.reset_counters()
     tokens, index = apkernels.patch_pool(x, 7, pos, backend="cuda")
@@ -129,6 +139,7 @@ def test_patch_pool_keys_in_global_memory(channels_last):
 def test_patch_pool_vector_loads_and_opt_in_shared_memory():
     """channels_last x with C a multiple of the 16-byte pack: x rows and pos rows move as packs; 6400
     positions: 51200 bytes of keys, above the 48 KB default (cudaFuncSetAttribute opt-in)."""
+    before_sm90()
     for H, W, keep in ((5, 7, 9), (80, 80, 5)):
         x, _, pos = small_patch_case(True, C=8, H=H, W=W, keep=keep)
         x = x[:1]
@@ -153,13 +164,139 @@ def test_token_pool_keys_in_global_memory():
     torch.testing.assert_close(tokens, ref_tokens)
 
 
+# ---- patch_pool on sm_90: a thread-block cluster per image -------------------------------------
+
+CLUSTER_KERNEL = "patch_pool_cluster_kernel"
+
+
+def cluster_launch(x, keep, pos, score="sum_abs"):
+    """Run patch_pool on the emulated sm_90 device: (tokens, index, the launch's counters)."""
+    _emulation.reset_counters()
+    tokens, index = apkernels.patch_pool(x, keep, pos, score=score, backend="cuda")
+    (launch,) = _emulation.counters()
+    assert launch["kernel"].startswith(CLUSTER_KERNEL), launch["kernel"]
+    return tokens, index, launch
+
+
+def check_against_reference(x, keep, pos, tokens, index, score="sum_abs"):
+    ref_tokens, ref_index = reference.patch_pool(x, keep, pos, score)
+    assert torch.equal(index, ref_index)
+    assert tokens.dtype == x.dtype and tokens.is_contiguous()
+    torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=0)  # a copy (+ pos rounded once): exact
+
+
+def int_inputs(B, C, H, W, dtype=torch.float32, pos_shape="2d", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (B, C, H, W), generator=g).to(dtype)
+    pos = {None: None, "2d": (H * W, C), "3d": (1, H * W, C)}[pos_shape]
+    if pos is not None:
+        pos = torch.randint(-4, 5, pos, generator=g).to(dtype)
+    return x, pos
+
+
+def test_cluster_kernel_reads_x_once():
+    """Every input byte read once (pos once per cluster), every output byte written once."""
+    B, C, H, W, keep = 5, 16, 5, 7, 9
+    x, pos = int_inputs(B, C, H, W)
+    tokens, index, launch = cluster_launch(x, keep, pos)
+    check_against_reference(x, keep, pos, tokens, index)
+    # C = 16: clusters of 8 blocks; the emulated device's 4 SMs hold one cluster, which loops over
+    # the 5 images (persistent grid).
+    assert launch["cluster"] == (8, 1, 1) and launch["grid"] == (8, 1, 1) and launch["block"] == (512, 1, 1)
+    clusters = launch["grid"][0] // 8
+    x_bytes, pos_bytes = x.numel() * 4, pos.numel() * 4
+    assert launch["global_read_bytes"] == launch["global_read_distinct_bytes"] == x_bytes + clusters * pos_bytes
+    out_bytes = tokens.numel() * 4 + index.numel() * 8
+    assert launch["global_write_bytes"] == launch["global_write_distinct_bytes"] == out_bytes
+
+
+def test_cluster_kernel_several_clusters_loop_over_images():
+    """C = 3: clusters of 2 blocks (the second owns one channel), 2 clusters on 4 SMs, 3 + 2 images."""
+    B, C, H, W, keep = 5, 3, 5, 7, 12
+    x, _ = int_inputs(B, C, H, W, seed=3)
+    for score in reference.PATCH_SCORES:
+        tokens, index, launch = cluster_launch(x, keep, None, score)
+        check_against_reference(x, keep, None, tokens, index, score)
+        assert launch["cluster"] == (2, 1, 1) and launch["grid"] == (4, 1, 1)
+        assert launch["global_read_bytes"] == x.numel() * 4  # no pos: x once
+
+
+def strided_x(B, C, H, W, dtype):
+    """A view with every stride odd: every other channel and column of a bigger tensor."""
+    x, _ = int_inputs(B, 2 * C, H, 2 * W + 1, dtype, pos_shape=None, seed=5)
+    return x[:, ::2, :, 1::2]
+
+
+# (B, C, H, W, keep, layout, pos, dtype): N not a power of two, K = 1, K = N, B = 1, slices that
+# leave the last blocks of the cluster with fewer or no channels (C = 13: 2 channels x 6 + 1 + 0).
+CLUSTER_CASES = [
+    pytest.param(2, 13, 5, 7, 11, "nchw", "3d", torch.float32, id="odd_c_n"),
+    pytest.param(1, 9, 3, 3, 1, "nchw", "2d", torch.bfloat16, id="b1_keep1_bf16"),
+    pytest.param(2, 8, 3, 5, 15, "nchw", "2d", torch.float16, id="keep_all_fp16"),
+    pytest.param(2, 19, 3, 5, 6, "channels_last", None, torch.float32, id="channels_last_no_pos"),
+    pytest.param(2, 24, 4, 5, 7, "channels_last", "2d", torch.bfloat16, id="channels_last_bf16"),
+    pytest.param(2, 10, 3, 4, 5, "strided", "3d", torch.float32, id="strided"),
+    pytest.param(1, 7, 1, 1, 1, "nchw", "2d", torch.float32, id="n1"),
+]
+
+
+@pytest.mark.parametrize("B,C,H,W,keep,layout,pos_shape,dtype", CLUSTER_CASES)
+def test_cluster_kernel_odd_shapes(B, C, H, W, keep, layout, pos_shape, dtype):
+    if layout == "strided":
+        x = strided_x(B, C, H, W, dtype)
+        _, pos = int_inputs(B, C, H, W, dtype, pos_shape)
+    else:
+        x, pos = int_inputs(B, C, H, W, dtype, pos_shape)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    tokens, index, launch = cluster_launch(x, keep, pos)
+    check_against_reference(x, keep, pos, tokens, index)
+    if keep < H * W:  # x read once (with keep == N nothing is scored, still one read)
+        pos_bytes = 0 if pos is None else pos.numel() * pos.element_size() * (launch["grid"][0] // launch["cluster"][0])
+        assert launch["global_read_bytes"] == x.numel() * x.element_size() + pos_bytes
+
+
+def test_cluster_kernel_strided_pos():
+    """pos as a transposed view [N, C] with channel stride N: read through its strides."""
+    x, _ = int_inputs(2, 12, 3, 5)
+    pos = torch.randint(-4, 5, (12, 15)).float().t()
+    tokens, index, _ = cluster_launch(x, 4, pos)
+    check_against_reference(x, 4, pos, tokens, index)
+
+
+def test_two_pass_fallback_when_the_slices_do_not_fit():
+    """sm_90, but x's channel slice does not fit the shared memory: the one-block-per-image kernel."""
+    x, pos = int_inputs(2, 16, 5, 7)
+    emu.set_shared_memory_limit(1024)
+    _emulation.reset_counters()
+    tokens, index = apkernels.patch_pool(x, 9, pos, backend="cuda")
+    assert [c["kernel"].split("<")[0] for c in _emulation.counters()] == ["patch_pool_kernel"]
+    check_against_reference(x, 9, pos, tokens, index)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_two_pass_fallback_before_sm90(channels_last):
+    before_sm90()
+    x, pos = int_inputs(3, 13, 5, 7, torch.bfloat16, seed=2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for score in reference.PATCH_SCORES:
+        _emulation.reset_counters()
+        tokens, index = apkernels.patch_pool(x, 11, pos, score=score, backend="cuda")
+        (launch,) = _emulation.counters()
+        assert launch["kernel"].startswith("patch_pool_kernel") and launch["cluster"] == (1, 1, 1)
+        check_against_reference(x, 11, pos, tokens, index, score)
+
+
 # ---- the checks: mutated kernels are reported ----------------------------------------------------
 
 ERROR_NAMES = r"kernel .*block \(\d+,\d+,\d+\), thread \(\d+,\d+,\d+\)"
 
 
-def run_patch_pool(channels_last=False):
+def run_patch_pool(channels_last=False, cluster=True):
     x, keep, pos = small_patch_case(channels_last)
+    if not cluster:
+        before_sm90()
     apkernels.patch_pool(x, keep, pos, backend="cuda")
 
 
@@ -191,7 +328,7 @@ def test_wrong_shuffle_mask_is_reported():
     with pytest.raises(RuntimeError, match=r"__shfl_xor_sync at helpers.cuh:\d+ in " + ERROR_NAMES +
                        r"(: the mask 0x7fffffff does not include the calling lane 31| reads lane 31, which is not "
                        r"in the mask 0x7fffffff)"):
-        run_patch_pool(channels_last=True)  # a warp per position: the warp_merge reduction
+        run_patch_pool(channels_last=True, cluster=False)  # a warp per position: the warp_score reduction
 
 
 def test_wrong_shuffle_source_lane_gives_a_wrong_result():
@@ -218,6 +355,44 @@ def test_off_by_one_bound_is_an_out_of_bounds_access():
     with pytest.raises(RuntimeError, match="out-of-bounds global memory (read|write) in kernel scatter_rows_kernel"
                        + r".*block \(0,0,0\), thread \(25,0,0\): \d+ bytes at address 0x"):
         ops.pool_backward_cuda_mutant_off_by_one(grad, index, 5, True)
+
+
+def test_missing_cluster_sync_is_a_distributed_shared_memory_error():
+    """Without the cluster barrier after the partial scores, block rank 0 reads rank 1's partials
+    before rank 1 wrote them."""
+    line = source_line("patch_pool_kernel.cu", "cluster.sync();  // every block's partials")
+    emu.set_mutation("skip_cluster_sync", "patch_pool_kernel.cu", line)
+    with pytest.raises(RuntimeError, match=r"read of uninitialised shared memory in kernel patch_pool_cluster_kernel"
+                       r".*\(cluster rank 0\), thread .* of cluster rank 1, through distributed shared memory\) was "
+                       r"not written by that block"):
+        run_patch_pool()
+    assert emu.mutation_hits() > 0
+
+
+def test_block_leaving_before_the_cluster_is_done_is_reported():
+    """Without the final cluster barrier a block exits while the others still read its partials."""
+    line = source_line("patch_pool_kernel.cu", "No block leaves while another may still read", after=1)
+    emu.set_mutation("skip_cluster_sync", "patch_pool_kernel.cu", line)
+    with pytest.raises(RuntimeError, match=r"distributed shared memory access in kernel patch_pool_cluster_kernel.* "
+                       r"to cluster rank \d, whose threads have all exited"):
+        run_patch_pool()
+
+
+def test_single_buffered_partial_scores_are_a_distributed_shared_memory_race():
+    """The compiled mutant single_buffer: one buffer of partial scores for consecutive images. The first
+    block to finish an image writes the next image's partials while the others still read the
+    previous ones over distributed shared memory."""
+    op = "patch_pool_cuda_mutant_single_buffer"
+    assert hasattr(ops, op) and _emulation._library.has_kernel(op, "CPU"), (
+        "the single_buffer mutant was not built: update setup.py EMULATION_MUTANTS with the kernel")
+    x, pos = int_inputs(2, 16, 5, 7)  # one cluster (the emulated device's 4 SMs), two images
+    tokens, index = ops.patch_pool_cuda_emulated(x, 9, pos, "sum_abs")
+    check_against_reference(x, 9, pos, tokens, index)
+    with pytest.raises(RuntimeError, match=r"shared-memory data race in kernel patch_pool_cluster_kernel.*\(cluster "
+                       r"rank \d\), thread .*: read of 4 bytes at address 0x[0-9a-f]+ \(shared offset \d+ of cluster "
+                       r"rank \d, through distributed shared memory\) conflicts with a write by thread \(\d+,0,0\) of "
+                       r"cluster rank \d since the last barrier"):
+        getattr(ops, op)(x, 9, pos, "sum_abs")
 
 
 # ---- counters -----------------------------------------------------------------------------------
