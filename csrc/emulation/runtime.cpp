@@ -706,6 +706,14 @@ std::string deadlock(const Launch& L) {
 
 Cta& cta(Launch& L, int r) { return r == L.rank ? static_cast<Cta&>(L) : L.parked[r]; }
 
+// After a copy over the thread_local block: the compiler cannot see that the copy rewrote these two
+// (their addresses never escape), so plain stores of their old values would be dropped as redundant.
+void restore_runtime_thread_locals(Launch* launch, Fiber* fiber) {
+  asm volatile("" ::: "memory");
+  *const_cast<Launch* volatile*>(&t_launch) = launch;
+  *const_cast<Fiber* volatile*>(&t_fiber) = fiber;
+}
+
 // Makes block rank r the running block: its state into the Launch, its shared memory into the
 // thread_local block (the previous block's parked). The runtime's own thread_locals (t_launch,
 // t_fiber) live in the same block: kept across the copy.
@@ -719,8 +727,7 @@ void switch_block(Launch& L, int r) {
   const size_t bytes = L.tls_hi - L.tls_lo;
   std::memcpy(g_ranks[L.rank].parked, tls, bytes);
   std::memcpy(tls, g_ranks[r].parked, bytes);
-  t_launch = launch;
-  t_fiber = fiber;
+  restore_runtime_thread_locals(launch, fiber);
   L.rank = r;
 }
 
@@ -1137,10 +1144,8 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* closure, cons
       for (unsigned x = 0; x < g.x && !L->failed; x += cd.x) run_cluster(*L, uint3{x, y, z});
     }
   }
-  if (ranks > 1) {
-    std::memcpy(reinterpret_cast<void*>(lo), host_tls.data(), hi - lo);
-    // The kernels' fibers are done with it; the copy above rewrote these two.
-  }
+  if (ranks > 1) std::memcpy(reinterpret_cast<void*>(lo), host_tls.data(), hi - lo);
+  restore_runtime_thread_locals(previous, nullptr);
   t_launch = previous;
   t_fiber = nullptr;
 
