@@ -201,10 +201,20 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
     plans = []
     if op == "patch_pool":
         N, C = shapes["N"], shapes["C"]
-        # NCHW input: the transpose tiles (16 warps x 16 x 34 floats) outgrow the 8 N key bytes.
-        # (Older sources took the score kind at run time: no kind in the name.)
-        plans.append(Launch(rf"patch_pool_kernel<{t}(, \(apkernels::ScoreKind\)0(, true)?)?>", (B,), 512,
-                            max(8 * N, 16 * 16 * 34 * 4)))
+        keep = shapes["keep"]
+        # sm_90: patch_pool_cluster_kernel, clusters of 8 blocks (C / 8 channels each), a persistent
+        # grid of min(B, SMs / 8, 1 + B x image bytes x 4 % / pos bytes) clusters (plan_cluster);
+        # dynamic shared memory: keys 8 N, kept 8 keep, partials 2 x 4 N, the x slice [C / 8][N | 1]
+        # and the pos slice [N][C / 8], each 16-byte aligned (cluster_layout).
+        elem = 4 if dtype == "fp32" else 2
+        blocks, slice_ = 8, math.ceil(C / 8)
+        round16 = lambda v: (v + 15) // 16 * 16  # noqa: E731
+        x_off = round16(round16(round16(8 * N) + 8 * keep) + 8 * N)
+        smem = round16(round16(x_off + elem * slice_ * (N | 1)) + elem * N * slice_)
+        image_bytes = elem * (C * N + keep * C) + 8 * keep
+        clusters = min(B, SMS // blocks, 1 + int(B * image_bytes * 0.04 / (elem * N * C)))
+        plans.append(Launch(rf"patch_pool_cluster_kernel<{t}, \(apkernels::ScoreKind\)0>", (clusters * blocks,), 512,
+                            smem))
         if pass_ == "fwd+bwd":
             plans += _pool_backward_plan(dtype, B, N, C, reduce_batch=True)
     elif op == "token_pool":
@@ -459,7 +469,7 @@ def op_shapes(op: str, batch: int) -> dict:
     from benchmarks import specs as c
 
     if op == "patch_pool":
-        return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS)
+        return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS, keep=c.APVIT_KEEP)
     if op == "token_pool":
         return dict(batch=batch, N=c.APVIT_TOKENS, C=c.APVIT_CHANNELS)
     if op == "dan_spatial_pool":
