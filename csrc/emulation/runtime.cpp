@@ -1281,6 +1281,12 @@ PYBIND11_MODULE(_C_emulated, m) {
                       apk_emu::kMaxDynamicSharedBytes, " bytes, got ", bytes);
     apk_emu::g_shared_limit = bytes;
   });
+  m.def("multiprocessor_count", [] { return apk_emu::g_multiprocessors; });
+  m.def("set_multiprocessor_count", [](int sms) {
+    TORCH_CHECK_VALUE(sms >= 1 && sms <= 1024, "set_multiprocessor_count: 1 to 1024, got ", sms);
+    apk_emu::g_multiprocessors = sms;
+  }, "SMs of the emulated device (4 unless set): grid sizes that follow the SM count (grid-stride loops, "
+     "persistent grids) then match a real device's, e.g. 132 for an H100.");
   m.def("compute_capability", [] { return py::make_tuple(apk_emu::g_compute_capability / 10, apk_emu::g_compute_capability % 10); },
         "(major, minor) of the emulated device: (9, 0) unless set_compute_capability changed it.");
   m.def("set_compute_capability", [](int major, int minor) {
