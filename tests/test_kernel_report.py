@@ -47,7 +47,10 @@ def test_cuda_plans_name_one_launch_per_forward_kernel():
     shapes = report.op_shapes("patch_pool", 256)
     fwd = report.cuda_plan("patch_pool", "fwd", "fp32", shapes)
     both = report.cuda_plan("patch_pool", "fwd+bwd", "fp32", shapes)
-    assert len(fwd) == 1 and fwd[0].grid == (256,) and fwd[0].threads == 512
+    # sm_90: 16 persistent clusters of 8 CTAs (132 SMs / 8); the CTA's shared memory holds its
+    # channel slice of x and of pos (96 channels x 197 / 196 positions, fp32) + keys and partials.
+    assert len(fwd) == 1 and fwd[0].grid == (128,) and fwd[0].threads == 512
+    assert fwd[0].dynamic_shared_bytes == 155328
     assert len(both) == 3 and both[2].grid == (147,)  # 196 rows x 768 channels / 4 per pack / 256
 
 
