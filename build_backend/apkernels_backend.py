@@ -139,10 +139,13 @@ def _target_has_torch():
 def _extra_requires():
     if _target_has_torch():
         return []
-    requirement = torch_build_requirement()
+    constraint_files = target_pip_constraint_files()
+    requirement = torch_build_requirement(constraint_files)
+    base = os.environ.get(TORCH_REQUIREMENT_VARIABLE, "").strip() or TORCH_REQUIREMENT
     # Shown by `pip install -v` (pip hides a successful build's output).
     print(f"apkernels: no torch in the target environment; the build environment gets {requirement} "
-          f"(from {TORCH_REQUIREMENT_VARIABLE} or {TORCH_REQUIREMENT!r} and pip's constraints)", file=sys.stderr)
+          f"({base} within the torch constraints of {', '.join(constraint_files) or 'no pip constraint file'})",
+          file=sys.stderr)
     return [requirement]
 
 
