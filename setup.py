@@ -3,7 +3,8 @@
 The extension is compiled against the torch installed in the environment being installed into:
 ``pip install .`` (build isolation on; see build_backend/apkernels_backend.py), ``pip install
 --no-build-isolation .`` and ``pip install -e .`` all do. Without torch there, the build installs
-one and the wheel requires exactly that torch version.
+one that the target install's pip constraints allow (or APKERNELS_TORCH_REQUIREMENT) and the wheel
+requires exactly that torch version.
 
 Switches (environment variables, flash-attention style):
   APKERNELS_CUDA=1 / 0   force / skip the CUDA kernels (default: build them when the installed
