@@ -12,6 +12,9 @@ Switches (environment variables, flash-attention style):
   TORCH_CUDA_ARCH_LIST   CUDA archs (default: the visible GPU's, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs for ninja
   CUDA_HOME              CUDA toolkit root (default: found from nvcc on PATH, wrapper scripts too)
+  APKERNELS_TORCH_REQUIREMENT
+                         the torch a build gets when the target environment has none (default
+                         torch>=2.11, within the target's pip constraints; build_backend/)
   APKERNELS_PY_LIMITED_API=1
                          build _C against Python's stable ABI (_C.abi3.so, loads in CPython >= 3.10):
                          `make gpu-bundle` uses it to build here for a machine with another Python
