@@ -47,6 +47,37 @@ struct PatchArgs {
   bool vec_rows;             // the row gather (x, pos, out) can move 16-byte packs
 };
 
+// Scores of n positions over `channels` values each, by a block of kImageThreads threads: one thread
+// per position (consecutive threads take consecutive positions, so reads along a channel plane
+// coalesce), and when n < kImageThreads `groups` threads per position split the channels, their
+// partial results merged in group order (deterministic). value(p, c) is the c-th value of position
+// p (fp32); emit(p, score) runs once per position. Every thread of the block must call it;
+// `partial` is kImageThreads floats of shared memory. Ends with __syncthreads().
+template <ScoreKind kind, typename Value, typename Emit>
+__device__ __forceinline__ void score_positions_block(int n, int64_t channels, float* partial, Value value,
+                                                      Emit emit) {
+  const int tid = threadIdx.x;
+  const int per_round = min(kImageThreads, (n + 31) / 32 * 32);
+  const int groups = kImageThreads / per_round;
+  const int g = tid / per_round, local = tid % per_round;
+  for (int p0 = 0; p0 < n; p0 += per_round) {
+    const int p = p0 + local;
+    if (g < groups && p < n) {
+      float acc = score_init<kind, float>();
+#pragma unroll 4
+      for (int64_t c = g; c < channels; c += groups) acc = score_step<kind, float>(acc, value(p, c));
+      partial[tid] = acc;
+    }
+    __syncthreads();
+    if (tid < per_round && p < n) {  // g == 0, local == tid
+      float s = partial[tid];
+      for (int gg = 1; gg < groups; ++gg) s = score_combine<kind, float>(s, partial[gg * per_round + tid]);
+      emit(p, s);
+    }
+    __syncthreads();
+  }
+}
+
 // Offset of position p (row-major over H, W) inside one image of x.
 __device__ __forceinline__ int64_t spatial_offset(const PatchArgs& a, int64_t p) {
   return (p / a.W) * a.sH + (p % a.W) * a.sW;
@@ -62,7 +93,7 @@ __global__ void __launch_bounds__(kImageThreads)
   __shared__ SelectShared sh;
   __shared__ float partial[kImageThreads];
 
-  const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+  const int lane = lane_id(), warp = warp_id();
   const int64_t b = blockIdx.x;
   const int n = static_cast<int>(a.N);
   const T* xb = x + b * a.sB;
@@ -96,29 +127,10 @@ __global__ void __launch_bounds__(kImageThreads)
         if (lane == 0) keys[p] = select_key64(acc, static_cast<uint32_t>(p));
       }
     } else {
-      // One thread per position (consecutive threads read consecutive positions of a channel
-      // plane), `groups` threads per position splitting the channels when N < kImageThreads; the
-      // partial scores are merged in group order (deterministic).
-      const int per_round = min(kImageThreads, (n + 31) / 32 * 32);
-      const int groups = kImageThreads / per_round;
-      const int g = tid / per_round, local = tid % per_round;
-      for (int p0 = 0; p0 < n; p0 += per_round) {
-        const int p = p0 + local;
-        if (g < groups && p < n) {
-          const T* col = xb + spatial_offset(a, p);
-          float acc = score_init<kind, float>();
-#pragma unroll 4
-          for (int64_t c = g; c < a.C; c += groups) acc = score_step<kind, float>(acc, static_cast<float>(col[c * a.sC]));
-          partial[tid] = acc;
-        }
-        __syncthreads();
-        if (tid < per_round && p < n) {  // g == 0, local == tid
-          float s = partial[tid];
-          for (int gg = 1; gg < groups; ++gg) s = score_combine<kind, float>(s, partial[gg * per_round + tid]);
-          keys[p] = select_key64(s, static_cast<uint32_t>(p));
-        }
-        __syncthreads();
-      }
+      // One thread per position, reading along a channel plane (score_positions_block).
+      score_positions_block<kind>(
+          n, a.C, partial, [&](int p, int64_t c) { return static_cast<float>(xb[spatial_offset(a, p) + c * a.sC]); },
+          [&](int p, float s) { keys[p] = select_key64(s, static_cast<uint32_t>(p)); });
     }
     __syncthreads();
   }
@@ -266,29 +278,12 @@ __global__ void __launch_bounds__(kImageThreads)
     __syncthreads();
 
     if (a.keep < n) {
-      // 2. Partial scores over this block's channels: `groups` threads per position, merged in group
-      // order, into this image's half of the double buffer (the other half may still be read by
-      // blocks finishing the previous image).
+      // 2. Partial scores over this block's channels (score_positions_block) into this image's half
+      // of the double buffer (the other half may still be read by blocks finishing the previous image).
       float* my_part = part + (iteration & 1) * n;
-      const int per_round = min(kImageThreads, (n + 31) / 32 * 32);
-      const int groups = kImageThreads / per_round;
-      const int g = tid / per_round, local = tid % per_round;
-      for (int p0 = 0; p0 < n; p0 += per_round) {
-        const int p = p0 + local;
-        if (g < groups && p < n) {
-          float acc = score_init<kind, float>();
-#pragma unroll 4
-          for (int c = g; c < cs; c += groups) acc = score_step<kind, float>(acc, static_cast<float>(xs[c * a.x_stride + p]));
-          partial[tid] = acc;
-        }
-        __syncthreads();
-        if (tid < per_round && p < n) {
-          float s = partial[tid];
-          for (int gg = 1; gg < groups; ++gg) s = score_combine<kind, float>(s, partial[gg * per_round + tid]);
-          my_part[p] = s;
-        }
-        __syncthreads();
-      }
+      score_positions_block<kind>(
+          n, cs, partial, [&](int p, int64_t c) { return static_cast<float>(xs[static_cast<int>(c) * a.x_stride + p]); },
+          [&](int p, float s) { my_part[p] = s; });
       cluster.sync();  // every block's partials of this image are complete and visible
       // 3. Full scores in rank order (the same bits in every block) -> keys.
       for (int p = tid; p < n; p += kImageThreads) {
