@@ -37,10 +37,19 @@ constexpr int kTileChannels = 16;
 constexpr int kTileStride = 34;
 constexpr size_t kTileBytes = size_t(kImageWarps) * kTileChannels * kTileStride * sizeof(float);
 
-struct PatchArgs {
+// The strides both forward kernels read x and pos through (elements).
+struct Strides {
+  int64_t sB, sC, sH, sW;  // x
+  int64_t pos_sN, pos_sC;  // pos over (position, channel); 0 without pos
+};
+
+inline Strides strides_of(const at::Tensor& x, const at::Tensor& pos) {
+  return Strides{x.stride(0), x.stride(1), x.stride(2), x.stride(3), pos.defined() ? pos.stride(0) : 0,
+                 pos.defined() ? pos.stride(1) : 0};
+}
+
+struct PatchArgs : Strides {
   int64_t C, W, N;
-  int64_t sB, sC, sH, sW;  // x strides (elements)
-  int64_t pos_sN, pos_sC;  // pos strides over (position, channel)
   int keep;
   bool channels_contiguous;  // sC == 1: a position's channels are one contiguous row
   bool vec_x;                // ... and x rows can be read as 16-byte packs
@@ -194,14 +203,12 @@ constexpr int kMaxClusterBlocks = 8;  // the portable cluster size
 // this fraction of the minimal traffic (B = 256 at the paper shape: 16 clusters, B = 32: 3).
 constexpr double kPosRereadBudget = 0.04;
 
-struct ClusterArgs {
+struct ClusterArgs : Strides {
   int64_t B;
   int C, N, W, keep;
   int slice;     // channels per block
   int x_stride;  // row stride (elements) of the x slice in shared memory: N, odd (bank-conflict free)
   int clusters;  // clusters in the grid (persistent)
-  int64_t sB, sC, sH, sW;
-  int64_t pos_sN, pos_sC;
   bool flat_spatial;   // sH == W * sW: position p is p * sW (no division)
   bool channels_fast;  // sC == 1: load along channels (channels_last), else along positions
 };
@@ -368,12 +375,7 @@ ClusterPlan plan_cluster(Kernel kernel, const at::Tensor& x, const at::Tensor& p
   a.slice = static_cast<int>(slice);
   a.x_stride = static_cast<int>(x_stride);
   a.clusters = static_cast<int>(clusters);
-  a.sB = x.stride(0);
-  a.sC = x.stride(1);
-  a.sH = x.stride(2);
-  a.sW = x.stride(3);
-  a.pos_sN = pos.defined() ? pos.stride(0) : 0;
-  a.pos_sC = pos.defined() ? pos.stride(1) : 0;
+  static_cast<Strides&>(a) = strides_of(x, pos);
   a.flat_spatial = a.sH == W * a.sW;
   a.channels_fast = a.sC == 1 && C > 1;
   plan.cluster_blocks = blocks;
@@ -398,15 +400,10 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_cuda(const at::Tensor& x, int64_t 
   if (B == 0) return {tokens, index};  // an empty batch: no zero-sized grid
 
   PatchArgs a;
+  static_cast<Strides&>(a) = strides_of(x, pos);
   a.C = C;
   a.W = W;
   a.N = N;
-  a.sB = x.stride(0);
-  a.sC = x.stride(1);
-  a.sH = x.stride(2);
-  a.sW = x.stride(3);
-  a.pos_sN = pos.defined() ? pos.stride(0) : 0;
-  a.pos_sC = pos.defined() ? pos.stride(1) : 0;
   a.keep = static_cast<int>(keep);
   a.channels_contiguous = a.sC == 1 || C == 1;
   if (C == 1) a.sC = 1;
