@@ -1,6 +1,8 @@
 """benchmarks.kernel_report: the occupancy model, the ptxas parsing, the recorded Triton launches and
-one Triton kernel compiled for sm_90 (no GPU needed)."""
+one Triton kernel compiled for sm_90 (no GPU needed), the global bytes counted in the Triton
+interpreter and the CUDA emulator, the host aten ops and the targets."""
 import json
+import os
 
 import pytest
 
@@ -236,3 +238,19 @@ def test_extrapolated_global_bytes_match_a_measured_batch(op):
     # Within AFFINE_TOLERANCE: DAN's grad_z reads t only where z > 0, a count that varies between
     # random images by a few hundred elements in 10^5.
     assert measured["global_bytes"] == pytest.approx(exact[1], rel=report.AFFINE_TOLERANCE)
+
+
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="the Triton kernels are compiled here (a GPU): not interpreted")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op", ["patch_pool", "dan_spatial_pool"])
+def test_interpreted_extrapolation_matches_a_measured_batch(op):
+    # The Triton bytes extrapolated from B=1,2,3 against the interpreter run at B=5 (bf16,
+    # forward+backward; patch_pool's position gradient is the fixed part): exact, no data-dependent loads.
+    measured = report.interpreted_counters(op, "fwd+bwd", "bf16", 5)
+    exact = report._interpreted_call(op, "fwd+bwd", "bf16", 5)
+    assert measured["global_bytes_source"] == "interpreted at B=1,2,3, extrapolated (affine in B)"
+    assert (measured["launches"], measured["backward_launches"]) == (exact.launches, exact.backward_launches)
+    assert measured["global_bytes"] == exact.global_bytes
