@@ -974,6 +974,9 @@ def main(argv=None) -> int:
                              "commit's, exported with git archive, for a before/after comparison)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the Triton kernels are compiled, not interpreted
+    # Kineto logs two lines per profiler start (the host aten ops profile every op call) unless
+    # its level is above all of its levels; read when torch is first imported (below).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     from benchmarks import specs as common
 
