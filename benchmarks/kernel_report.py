@@ -305,16 +305,16 @@ def _emulated_call(op: str, pass_: str, dtype: str, batch: int):
 @functools.lru_cache(maxsize=None)
 def _interpreted_call(op: str, pass_: str, dtype: str, batch: int) -> Measured:
     """Measured of one call of the Triton op (and its backward op) run by the Triton interpreter on CPU
-    tensors at `batch` (aten ops: not recorded here, where the interpreter's own copies would count;
-    triton_launches records them)."""
+    tensors at `batch` (aten ops recorded with the torch profiler, the interpreter's own copies
+    inside each launch left out)."""
     import torch
 
     calls = []
 
     def call(name, op_fn, *args):
         with interpreted_global_traffic() as launches:
-            out = op_fn(*args)
-        calls.append((name, launches, None))
+            out, aten = call_recording_aten(op_fn, *args)
+        calls.append((name, launches, aten))
         return out
 
     with torch.no_grad():
@@ -363,7 +363,7 @@ def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
 def interpreted_counters(op: str, pass_: str, dtype: str, batch: int):
     """measured_counters of the Triton op run by the Triton interpreter in this process, whose Triton
     kernels must be interpreted (TRITON_INTERPRET=1 set before apkernels was imported; a compiled
-    launch raises RuntimeError). host_aten_ops is None: triton_launches records them."""
+    launch raises RuntimeError)."""
     return measured_counters(_interpreted_call, "interpreted", op, pass_, dtype, batch)
 
 
@@ -409,7 +409,8 @@ def host_aten_ops(events) -> list:
     """Names of the aten ops among torch profiler `events` that do work besides the kernels (copies,
     fills, conversions, reductions, host syncs such as `is_nonzero`), in call order. An aten op
     called by another counts as its caller (the fill_ inside zeros is `zeros`, the copy inside a
-    copying `contiguous` is `contiguous`); allocations and views are left out."""
+    copying `contiguous` is `contiguous`); allocations and views are left out, and so is what runs
+    inside an interpreted Triton launch (INTERPRETED_LAUNCH: the interpreter's own copies)."""
     def aten(event):
         return event.name.startswith("aten::")
 
@@ -419,7 +420,7 @@ def host_aten_ops(events) -> list:
     def outermost(event):
         parent = event.cpu_parent
         while parent is not None:
-            if aten(parent):
+            if aten(parent) or parent.name == INTERPRETED_LAUNCH:
                 return False
             parent = parent.cpu_parent
         return True
@@ -439,6 +440,9 @@ def call_recording_aten(fn, *args):
 
 
 # ---------------------------------------------------------------------------------- Triton side
+INTERPRETED_LAUNCH = "kernel_report: interpreted Triton launch"  # the profiler range of each launch
+
+
 @contextlib.contextmanager
 def interpreted_global_traffic():
     """Counts the global memory traffic of the Triton kernels the interpreter runs inside the block:
@@ -450,9 +454,11 @@ def interpreted_global_traffic():
     The hook is the interpreter's builder, the one place every memory op of an interpreted kernel
     goes through (triton >= 3.6): create_masked_load / create_masked_store (tl.load / tl.store,
     masked or not, block pointers and tensor descriptors all end there), create_atomic_rmw and
-    create_atomic_cas; InterpretedFunction.run opens each launch. All are restored on exit. A
-    compiled (not interpreted) launch inside the block raises RuntimeError."""
+    create_atomic_cas; InterpretedFunction.run opens each launch (and marks it for the profiler,
+    INTERPRETED_LAUNCH). All are restored on exit. A compiled (not interpreted) launch inside the
+    block raises RuntimeError."""
     import numpy as np
+    from torch.autograd.profiler import record_function
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
@@ -491,7 +497,8 @@ def interpreted_global_traffic():
 
     def run(self, *args, **kwargs):
         launches.append({"kernel": self.__name__, "global_read_bytes": 0, "global_write_bytes": 0})
-        return interpreted_run(self, *args, **kwargs)
+        with record_function(INTERPRETED_LAUNCH):
+            return interpreted_run(self, *args, **kwargs)
 
     def refuse(self, *args, **kwargs):
         raise RuntimeError(f"{self.__name__} is compiled, not interpreted: its memory traffic cannot be counted "
@@ -779,6 +786,8 @@ def triton_rows(batches, dtypes, ops=OPS, global_bytes: bool = False) -> list:
                                    f"{measured['launches']} launches, the launcher recorded {row['launches']}")
             row["global_bytes"] = measured["global_bytes"]
             row["global_bytes_source"] = measured["global_bytes_source"]
+            # measured with the kernels running (checks that read what a kernel wrote included)
+            row["host_aten_ops"] = measured["host_aten_ops"]
     return rows
 
 
@@ -949,8 +958,9 @@ NOTE = (
     "(every grid is per image, has a batch dimension or loops over B x per-image elements: bytes are affine in B, "
     "checked on the three). n/a where not measured. launches = kernels one op call launches (CUDA: the host code's "
     "plan, or the emulator's count; Triton: recorded from the launcher); host aten ops = the aten ops the call runs "
-    "besides its kernels (copies, fills, conversions, reductions, host syncs; torch profiler on the CPU; CUDA: "
-    "measured with --global-bytes on the emulation build), their traffic not in global bytes.")
+    "besides its kernels (copies, fills, conversions, reductions, host syncs; torch profiler on the CPU, while the "
+    "kernels run with --global-bytes; Triton without it: while the launcher runs with its kernels intercepted; CUDA "
+    "without it: n/a), their traffic not in global bytes.")
 
 
 def main(argv=None) -> int:

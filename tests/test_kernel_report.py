@@ -118,7 +118,8 @@ def test_interpreted_global_traffic_counts_each_access_of_a_known_kernel():
     scale, counter = torch.tensor([2.0]), torch.zeros(2, dtype=torch.int32)
     originals = (interpreter.InterpretedFunction.run, JITFunction.run)
     with report.interpreted_global_traffic() as launches:
-        kernel[(3,)](src, dst, scale, counter, 10, BLOCK=4)
+        # The interpreter's own copies of the arguments are not host ops of the caller.
+        assert report.call_recording_aten(lambda: kernel[(3,)](src, dst, scale, counter, 10, BLOCK=4))[1] == []
         kernel[(1,)](src, dst, scale, counter, 3, BLOCK=4)  # a second launch is counted apart
         with pytest.raises(RuntimeError, match="compiled, not interpreted"):
             JITFunction(_scale_kernel).run(src, dst, scale, counter, 3, BLOCK=4, grid=(1,), warmup=False)
@@ -257,3 +258,5 @@ def test_interpreted_extrapolation_matches_a_measured_batch(op):
     assert measured["global_bytes_source"] == "interpreted at B=1,2,3, extrapolated (affine in B)"
     assert (measured["launches"], measured["backward_launches"]) == (exact.launches, exact.backward_launches)
     assert measured["global_bytes"] == exact.global_bytes
+    assert measured["host_aten_ops"] == list(exact.host_aten_ops) == list(
+        report.interpreted_counters(op, "fwd+bwd", "bf16", 1)["host_aten_ops"])
