@@ -398,9 +398,9 @@ def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
         if pass_ == "fwd+bwd":
             fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[1], False)
     elif op == "dan_spatial_pool":
-        g = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
+        g, s = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
         if pass_ == "fwd+bwd":
-            fn("dan_spatial_pool_backward")(torch.empty_like(g), inputs["x"], inputs["z"])
+            fn("dan_spatial_pool_backward")(torch.empty_like(g), inputs["x"], inputs["z"], s)
     elif op == "dan_head_fusion":
         fused, heads = fn("dan_head_fusion")(inputs["g"], inputs["gate_logits"])
         if pass_ == "fwd+bwd":

@@ -196,10 +196,10 @@ def test_wrong_shuffle_mask_is_reported():
 
 def test_wrong_shuffle_source_lane_gives_a_wrong_result():
     # warp_sum's butterfly reading lane (l ^ o) + 1 instead of l ^ o: every lane is in the full mask,
-    # so no check can name it; DAN's pool_kernel (a warp_sum per (b, c, head)) then sums some lanes
+    # so no check can name it; DAN's spatial_pool_kernel (a warp_sum per (b, c, head)) then sums some lanes
     # twice and others not at all, and the pooled features differ from the reference.
     x, z = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 4, 6, 7)  # P = 42: both halves of a warp busy
-    expected = reference.dan_spatial_pool(x, z)
+    expected = reference.dan_spatial_pool(x, z)[0]
     torch.testing.assert_close(apkernels.dan_spatial_pool(x, z, backend="cuda"), expected)  # the real kernel
     emu.set_mutation("wrong_source_lane", "helpers.cuh", source_line("helpers.cuh", "v += __shfl_xor_sync(kFullMask"))
     mutated = apkernels.dan_spatial_pool(x, z, backend="cuda")
