@@ -17,6 +17,9 @@ from . import _common
 
 OP = "dan_spatial_pool"
 DTYPES = _common.HALF_AND_FLOAT + (torch.float64,)
+# Warps of a per-image program: a B = 256 call is only 256 programs, so each gets 8 warps (more
+# loads in flight per SM; the backward's tiles then fit without spills).
+IMAGE_WARPS = 8
 
 
 @triton.jit
@@ -127,7 +130,7 @@ def dan_spatial_pool_triton(x, z):
     _dan_spatial_pool_kernel[(B,)](
         x, z, g, s, M, C, C2, W, P, *x.stride(), *z.stride(), *g.stride(),
         ACC=_common.acc_dtype(x.dtype), M_PAD=m_pad, P_PAD=p_pad,
-        BLOCK_C=_common.block_for(C, m_pad * p_pad), BLOCK_C2=_common.block_for(C2, p_pad),
+        BLOCK_C=_common.block_for(C, m_pad * p_pad), BLOCK_C2=_common.block_for(C2, p_pad), num_warps=IMAGE_WARPS,
     )
     return g, s
 
@@ -147,7 +150,7 @@ def dan_spatial_pool_backward_triton(grad_g, x, z, s):
     _dan_backward_kernel[(B,)](
         grad_g, x, z, s, grad_x, grad_z, M, C, C2, W, P, *grad_g.stride(), *x.stride(), *z.stride(),
         ACC=_common.acc_dtype(x.dtype), M_PAD=m_pad, P_PAD=p_pad,
-        BLOCK_C=_common.block_for(C, m_pad * p_pad), BLOCK_C2=_common.block_for(C2, p_pad),
+        BLOCK_C=_common.block_for(C, m_pad * p_pad), BLOCK_C2=_common.block_for(C2, p_pad), num_warps=IMAGE_WARPS,
     )
     return grad_x, grad_z
 

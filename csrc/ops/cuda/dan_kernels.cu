@@ -237,6 +237,10 @@ __global__ void head_fusion_backward_kernel(const scalar_t* __restrict__ grad_fu
 constexpr int kHeadChunk = 4;     // heads accumulated in registers per pass over x (DAN: 4 heads)
 constexpr int kChannelGroup = 4;  // channels a warp pools at once (independent loads in flight)
 constexpr int kImagesPerSm = 2048 / kImageThreads;  // resident image CTAs per SM (thread limit)
+// At least 2 image CTAs per SM (<= 64 registers per thread): B = 256 images then all fit on 132 SMs
+// at once, and ptxas keeps the bf16 backward free of spills (left to itself it picked 40 registers
+// and spilled 12 bytes).
+constexpr int kImagesPerSmMin = 2;
 
 __device__ __forceinline__ int64_t plane_offset(int p, int W, int64_t sh, int64_t sw) {
   return static_cast<int64_t>(p / W) * sh + static_cast<int64_t>(p % W) * sw;
@@ -244,7 +248,7 @@ __device__ __forceinline__ int64_t plane_offset(int p, int W, int64_t sh, int64_
 
 // Forward. Dynamic shared memory: s [M, P], then partial [R, P] when R > 1 (fp32).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kImageThreads)
+__global__ void __launch_bounds__(kImageThreads, kImagesPerSmMin)
     spatial_pool_kernel(const scalar_t* __restrict__ x, View5 xv, const scalar_t* __restrict__ z, View5 zv, int64_t B,
                         int M, int C, int C2, int W, int P, int R, Divider<uint32_t> by_W, acc_t* __restrict__ s_out,
                         scalar_t* __restrict__ g) {
@@ -329,7 +333,7 @@ __global__ void __launch_bounds__(kImageThreads)
 // Backward. Dynamic shared memory (fp32): s [M, P], t [M, P], dg [M, C], then partial
 // [kHeadChunk, R, P] when R > 1. dx [B, C, P] and dz [B, M, C2, P] contiguous.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kImageThreads) spatial_pool_backward_kernel(
+__global__ void __launch_bounds__(kImageThreads, kImagesPerSmMin) spatial_pool_backward_kernel(
     const scalar_t* __restrict__ dg, View3 gv, const scalar_t* __restrict__ x, View5 xv,
     const scalar_t* __restrict__ z, View5 zv, const acc_t* __restrict__ s, int64_t B, int M, int C, int C2, int W,
     int P, int R, scalar_t* __restrict__ dx, scalar_t* __restrict__ dz) {
