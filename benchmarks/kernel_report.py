@@ -231,11 +231,37 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
     return plans
 
 
+def _pool_backward_grid(B, N, C):
+    """(channels per unit, tiles, batch chunks) of pool_backward_kernel, as the host code decides
+    them for a contiguous grad (csrc/ops/cuda/pool_backward_kernel.cu)."""
+    width = 4 if C % 4 == 0 else 1
+    tiles = math.ceil(N * (C // width) / 256)
+    chunks = min(B, 65535, max(1, math.ceil(2 * 132 * 8 / tiles)))
+    return width, tiles, math.ceil(B / math.ceil(B / chunks))
+
+
 def _pool_backward_plan(dtype, B, N, C, reduce_batch):
+    """The inverse index (one CTA per image, in shared memory up to 12288 rows), then the fused
+    scatter + batch sum over (tiles of 256 units) x (batch chunks)."""
     t = re.escape(CUDA_TYPES[dtype])
-    units = N * (C // PACK[dtype] if C % PACK[dtype] == 0 else C)
-    grid = (math.ceil(units / 256),) if reduce_batch else (math.ceil(units / 256), min(B, 65535))
-    return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
+    width, tiles, chunks = _pool_backward_grid(B, N, C)
+    return [Launch(r"inverse_index_kernel", (B,), 256, 4 * N if N <= 12288 else 0),
+            Launch(rf"pool_backward_kernel<{t}, {width}, {str(reduce_batch).lower()}>", (tiles, chunks), 256)]
+
+
+def _batch_sum_workspace_bytes(op: str, pass_: str, batch: int) -> int:
+    """Global bytes of pool_backward's batch-sum workspace (patch_pool's backward), which are not
+    per image: the chunk count saturates (15 chunks at the paper shapes) while B grows. fp32 partial
+    sums [chunks, N, C] written and read once, the tile counters zeroed (4 B each) and counted by one
+    atomicAdd per CTA (4 B read + 4 B written). 0 with a single chunk."""
+    if op != "patch_pool" or pass_ != "fwd+bwd":
+        return 0
+    shapes = op_shapes(op, batch)
+    N, C = shapes["N"], shapes["C"]
+    _, tiles, chunks = _pool_backward_grid(batch, N, C)
+    if chunks == 1:
+        return 0
+    return 2 * chunks * N * C * 4 + tiles * 4 + tiles * chunks * 8
 
 
 # Batches the emulator runs for the CUDA traffic. Every CUDA launch's grid is per image (patch_pool,
@@ -282,6 +308,9 @@ def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
     measured = [_emulated_call(op, pass_, dtype, b) for b in EMULATED_BATCHES]
     if measured[0] is None:
         return None
+    # The batch-sum workspace is modelled, not extrapolated: taken out of the measured bytes (the
+    # affine check below then also checks the model), put back at `batch`.
+    measured = [(m[0], m[1] - _batch_sum_workspace_bytes(op, pass_, b)) for b, m in zip(EMULATED_BATCHES, measured)]
     launches = {m[0] for m in measured}
     steps = [(m1[1] - m0[1]) / (b1 - b0) for (b0, m0), (b1, m1) in zip(zip(EMULATED_BATCHES, measured),
                                                                        zip(EMULATED_BATCHES[1:], measured[1:]))]
@@ -290,6 +319,7 @@ def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
                            f"{measured}, not affine in the batch: cannot extrapolate to B={batch}")
     per_image = (measured[-1][1] - measured[0][1]) / (EMULATED_BATCHES[-1] - EMULATED_BATCHES[0])
     global_bytes = round(measured[0][1] + (batch - EMULATED_BATCHES[0]) * per_image)
+    global_bytes += _batch_sum_workspace_bytes(op, pass_, batch)
     batches = ",".join(map(str, EMULATED_BATCHES))
     return {"launches": launches.pop(), "global_bytes": global_bytes,
             "global_bytes_source": f"emulated at B={batches}, extrapolated (affine in B)"}
@@ -360,6 +390,11 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     JITFunction.run = record
     if saved[1] is not None:
         _common.check_launch = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
+    # pool_backward checks the index range on what its first kernel wrote: nothing runs here.
+    from apkernels.triton_kernels import pool_backward as triton_pool_backward
+    saved_range_check = getattr(triton_pool_backward, "check_index_range", None)
+    if saved_range_check is not None:
+        triton_pool_backward.check_index_range = lambda *a, **k: None
     try:
         with torch.no_grad(), _AtenWork() as aten:
             _run_op(op, pass_, dtype, batch, "_triton", inputs_outside=aten)
@@ -368,6 +403,8 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
         JITFunction.run = saved[0]
         if saved[1] is not None:
             _common.check_launch = saved[1]
+        if saved_range_check is not None:
+            triton_pool_backward.check_index_range = saved_range_check
     return recorded
 
 

@@ -23,7 +23,7 @@ OP = "pool_backward"
 
 # Launch 2 aims at this many programs on a GPU: two waves of 32 one-warp programs on 132 SMs
 # (H100/H200). A constant, not the device's SM count, so that the batch sum's chunks, and so its
-# rounding, follow the shapes alone. APKERNELS_POOL_BACKWARD_PROGRAMS overrides it (tests use it to
+# rounding, follow the shapes alone. APKERNELS_POOL_BACKWARD_TARGET_CTAS overrides it (tests use it to
 # put several images in a chunk at small shapes).
 TARGET_PROGRAMS = 2 * 132 * 32
 
@@ -121,7 +121,7 @@ def _pool_backward_kernel(
 
 
 def _target_programs() -> int:
-    return int(os.environ.get("APKERNELS_POOL_BACKWARD_PROGRAMS", TARGET_PROGRAMS))
+    return int(os.environ.get("APKERNELS_POOL_BACKWARD_TARGET_CTAS", TARGET_PROGRAMS))
 
 
 def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
@@ -164,14 +164,18 @@ def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
         num_warps=4 if interpreter else 1,
     )
     if K:
-        # The range check: one [B, 2] copy to the host (it waits for the launches; the kernels never
-        # touch a row outside [0, N)).
-        pairs = minmax.tolist()
-        lowest, highest = min(p[0] for p in pairs), max(p[1] for p in pairs)
-        if lowest < 0 or highest >= N:
-            raise RuntimeError(f"pool_backward: index must be in [0, {N}) (num_rows), got "
-                               f"{lowest if lowest < 0 else highest}")
+        check_index_range(minmax, N)
     return rows, grad_sum
+
+
+def check_index_range(minmax, num_rows):
+    """The range check on the per-image (min, max) of the index written by launch 1: one [B, 2] copy
+    to the host, which waits for the launches (the kernels never touch a row outside [0, num_rows))."""
+    pairs = minmax.tolist()
+    lowest, highest = min(p[0] for p in pairs), max(p[1] for p in pairs)
+    if lowest < 0 or highest >= num_rows:
+        raise RuntimeError(f"pool_backward: index must be in [0, {num_rows}) (num_rows), got "
+                           f"{lowest if lowest < 0 else highest}")
 
 
 _common.register({OP: pool_backward_triton})
