@@ -191,7 +191,7 @@ def extension():
 # APKERNELS_EMULATION_COVERAGE=1 adds gcov instrumentation (docs/cuda-kernels.md, coverage).
 EMULATION_MUTANTS = {
     # name: (source, text, mutated text) -- compiled as ops apkernels::<op>_cuda_mutant_<name>
-    "off_by_one": ("csrc/ops/cuda/pool_backward_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
+    "off_by_one": ("csrc/ops/cuda/pool_backward_kernel.cu", "const bool active = u < a.units;", "const bool active = u <= a.units;"),
 }
 
 
