@@ -93,10 +93,13 @@ def _pool_backward_kernel(
                     mask=mask & (slot >= 0)[:, None], other=0.0)
         if tl.min(slot, 0) == -2:  # a repeated row in the tile: sum its j in ascending order
             acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-            for j in range(0, K):
-                row = tl.load(index_b + j * si_k)
-                acc += tl.load(grad_b + j * sg_k + c[None, :] * sg_c, mask=mask & (r == row)[:, None],
-                               other=0.0).to(ACC)
+            index_at = index_b
+            grad_at = grad_b + c[None, :] * sg_c
+            for _j in range(0, K):
+                row = tl.load(index_at)
+                acc += tl.load(grad_at, mask=mask & (r == row)[:, None], other=0.0).to(ACC)
+                index_at += si_k
+                grad_at += sg_k
             v = tl.where((slot == -2)[:, None], _common.round_to(acc, rows_ptr.dtype.element_ty), v)
         tl.store(rows_b + offsets, v, mask=mask)
         if REDUCE:
