@@ -357,8 +357,12 @@ def compile_every_kernel_for_sm90():
           dict(SCORE=3, HAS_POS=True, N_PAD=256, BLOCK_C=16))
     build(token_pool._token_pool_kernel, dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64"),
           dict(SCORE=2, N_PAD=256, BLOCK_D=16, BLOCK_C=16), floats=("scale",))
-    build(pool_backward._scatter_add_rows_kernel, dict(grad_ptr=bf16, index_ptr="i64", rows_ptr="fp32"), dict(BLOCK_C=256))
-    build(pool_backward._batch_sum_kernel, dict(rows_ptr=bf16, sum_ptr=bf16), dict(ACC=acc, BLOCK=1024))
+    build(pool_backward._inverse_index_kernel, dict(index_ptr="i64", inv_ptr="i32", minmax_ptr="i64", counters_ptr="i32"),
+          dict(BLOCK_R=32, BLOCK_K=32))
+    build(pool_backward._pool_backward_kernel,
+          dict(grad_ptr=bf16, index_ptr="i64", inv_ptr="i32", rows_ptr=bf16, sum_ptr=bf16, partial_ptr="fp32",
+               counters_ptr="i32"),
+          dict(REDUCE=True, WORKSPACE=True, ACC=acc, BLOCK_R=1, BLOCK_C=64), num_warps=1)
     build(dan_spatial_pool._dan_spatial_pool_kernel, dict(x_ptr=bf16, z_ptr=bf16, g_ptr=bf16),
           dict(ACC=acc, P_PAD=64, BLOCK_C=64, BLOCK_C2=64))
     build(dan_spatial_pool._dan_backward_heads_kernel, dict(dg_ptr=bf16, x_ptr=bf16, z_ptr=bf16, dz_ptr=bf16, s_ptr="fp32"),

@@ -139,13 +139,19 @@ def pool_backward_triton(grad_tokens, index, num_rows, reduce_batch):
             grad_sum.zero_()  # a sum over no images (or an empty tensor)
         return rows, grad_sum
     interpreter = _backend.triton_interpreter()
-    # One warp per program on a GPU (a row segment of 128 channels: 16-byte fp32 accesses); wide
-    # tiles in the interpreter (one numpy op per tile op).
-    block_c = _common.block_for(C, 1) if interpreter else min(128, _common.next_pow2(C))
+    # One warp per program on a GPU: a row segment of 128 fp32 channels (16 bytes per lane) or of
+    # 64 fp16/bf16 channels (4 bytes per lane: twice the tiles, so half the chunks and half the
+    # batch-sum workspace for the same waves); wide tiles in the interpreter (one numpy op per tile op).
+    element_bytes = grad_tokens.element_size()
+    block_c = _common.block_for(C, 1) if interpreter else min(128 if element_bytes == 4 else 64, _common.next_pow2(C))
     block_r = _common.block_for(N, block_c) if interpreter else 1
     c_blocks = triton.cdiv(C, block_c)
     tiles = triton.cdiv(N, block_r) * c_blocks
     chunks = min(B, 65535, max(1, triton.cdiv(_target_programs(), tiles)))
+    if reduce_batch and "APKERNELS_POOL_BACKWARD_TARGET_CTAS" not in os.environ:
+        # The fp32 workspace (8 * N * C bytes per chunk, written and read once) stays within 1/20 of
+        # the backward's minimal bytes: a small batch gets fewer chunks rather than a large workspace.
+        chunks = max(1, min(chunks, B * (K + N) * element_bytes // (20 * 8 * N)))
     chunk = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, chunk)
     workspace = reduce_batch and chunks > 1

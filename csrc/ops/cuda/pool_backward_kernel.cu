@@ -34,15 +34,34 @@ constexpr int kRepeatedSlot = -2;
 // beyond, in the inv output itself (global atomics).
 constexpr int64_t kMaxSmemRows = 48 * 1024 / sizeof(int);
 // Launch 2 aims at this many CTAs: two waves of 4 resident CTAs (256 threads at up to 64
-// registers) on 132 SMs (H100/H200); more chunks would only grow the batch-sum workspace. A constant, not the device's SM count, so that the batch sum's chunks, and so its
-// rounding, follow the shapes alone. APKERNELS_POOL_BACKWARD_TARGET_CTAS overrides it (the tests
-// put several images in a chunk at small shapes with it).
+// registers) on 132 SMs (H100/H200) with reduce_batch; four times as many without (chunks then
+// cost nothing but a few staged slots). A constant, not the device's SM count, so that the batch
+// sum's chunks, and so its rounding, follow the shapes alone. APKERNELS_POOL_BACKWARD_TARGET_CTAS
+// overrides it (the tests put several images in a chunk at small shapes with it).
 constexpr int64_t kTargetCtas = 2 * 132 * 4;
+// With reduce_batch, the chunks' fp32 workspace (written and read once: 8 * N * C bytes per
+// chunk) stays within 1 / kWorkspaceShare of the backward's minimal bytes (grad read, rows
+// written): a small batch gets fewer chunks (fewer waves) rather than a workspace as large as it.
+constexpr int64_t kWorkspaceShare = 20;
 
-int64_t target_ctas() {
+int64_t target_ctas(bool reduce_batch) {
   const char* text = std::getenv("APKERNELS_POOL_BACKWARD_TARGET_CTAS");
   const int64_t value = text != nullptr ? std::atoll(text) : 0;
-  return value > 0 ? value : kTargetCtas;
+  return value > 0 ? value : (reduce_batch ? kTargetCtas : 4 * kTargetCtas);
+}
+
+// Batch chunks of launch 2 for `tiles` tiles: enough CTAs for target_ctas(), at least one image
+// per chunk, at most 65535 (grid.y), and with reduce_batch the workspace cap above (unless the
+// target is overridden).
+int64_t batch_chunks(int64_t B, int64_t K, int64_t N, int64_t C, int64_t element_bytes, int64_t tiles,
+                     bool reduce_batch) {
+  int64_t chunks = std::min<int64_t>({B, 65535, std::max<int64_t>(1, (target_ctas(reduce_batch) + tiles - 1) / tiles)});
+  if (reduce_batch && std::getenv("APKERNELS_POOL_BACKWARD_TARGET_CTAS") == nullptr && N > 0) {
+    const int64_t cap = B * (K + N) * element_bytes / (kWorkspaceShare * 8 * N);
+    chunks = std::max<int64_t>(1, std::min(chunks, cap));
+  }
+  const int64_t chunk = (B + chunks - 1) / chunks;
+  return (B + chunk - 1) / chunk;
 }
 // Slots (int32) a CTA of launch 2 stages in shared memory per group of images.
 constexpr int kSlotTableInts = 2048;
@@ -100,7 +119,7 @@ struct BackwardArgs {
   int64_t chunks;  // gridDim.y
 };
 
-// V consecutive channels moved as one load / store (4 bytes or more: V = 4 when C allows).
+// V consecutive channels moved as one load / store (kUnitChannels below; V = 1 otherwise).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Unit {
   T v[V];
@@ -215,12 +234,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Units of V channels: V = 4 when C % 4 == 0 and every grad row start is 4-element aligned.
+// Channels per unit: 4 for fp32 (16-byte accesses), 2 for fp16 / bf16 (4-byte accesses: twice
+// the tiles of 8-byte units, so half the chunks and half the batch-sum workspace for the same waves).
 template <typename T>
-bool units_of_four(const at::Tensor& g) {
+constexpr int kUnitChannels = sizeof(T) == 4 ? 4 : 2;
+
+// Units of kUnitChannels<T> channels when C allows it and every grad row start is aligned to one.
+template <typename T>
+bool vector_units(const at::Tensor& g) {
+  constexpr int V = kUnitChannels<T>;
   const int64_t C = g.size(2);
-  return C % 4 == 0 && (C == 0 || g.stride(2) == 1) && g.stride(0) % 4 == 0 && g.stride(1) % 4 == 0 &&
-         reinterpret_cast<uintptr_t>(g.const_data_ptr<T>()) % (4 * sizeof(T)) == 0;
+  return C % V == 0 && (C == 0 || g.stride(2) == 1) && g.stride(0) % V == 0 && g.stride(1) % V == 0 &&
+         reinterpret_cast<uintptr_t>(g.const_data_ptr<T>()) % (V * sizeof(T)) == 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tokens, const at::Tensor& index,
@@ -245,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
   at::Tensor minmax = at::empty({B, 2}, grad_tokens.options().dtype(at::kLong));  // per image, for the range check
   APK_DISPATCH_CUDA_FLOATS(grad_tokens.scalar_type(), "pool_backward_cuda", [&] {
     // Launch 2's shape: tiles over one image's units, chunks over the batch.
-    const bool four = units_of_four<scalar_t>(grad_tokens);
+    constexpr int V = kUnitChannels<scalar_t>;
+    const bool vec = vector_units<scalar_t>(grad_tokens);
     BackwardArgs a;
     a.gsB = grad_tokens.stride(0);
     a.gsK = grad_tokens.stride(1);
@@ -256,14 +282,12 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
     a.K = K;
     a.N = N;
     a.C = C;
-    a.P = four ? C / 4 : C;
+    a.P = vec ? C / V : C;
     a.units = N * a.P;
     const int64_t tiles = (a.units + kThreads - 1) / kThreads;
     TORCH_CHECK(tiles <= INT32_MAX, "pool_backward: num_rows * C too large for one launch: ", N * C);
-    // Chunks: enough CTAs for target_ctas(), at least one image per chunk, at most 65535 (grid.y).
-    int64_t chunks = std::min<int64_t>({B, 65535, std::max<int64_t>(1, (target_ctas() + tiles - 1) / std::max<int64_t>(tiles, 1))});
-    a.chunk = (B + chunks - 1) / chunks;
-    a.chunks = (B + a.chunk - 1) / a.chunk;
+    a.chunks = batch_chunks(B, K, N, C, sizeof(scalar_t), std::max<int64_t>(tiles, 1), reduce_batch);
+    a.chunk = (B + a.chunks - 1) / a.chunks;
     const bool workspace_sum = reduce_batch && a.chunks > 1 && tiles > 0;
 
     // One int32 allocation: inv [B, N], then the tile counters; minmax [B, 2] int64.
@@ -287,8 +311,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_tok
             workspace_sum ? partial.mutable_data_ptr<float>() : nullptr, inv + B * N);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (four) {
-        reduce_batch ? launch(pool_backward_kernel<scalar_t, 4, true>) : launch(pool_backward_kernel<scalar_t, 4, false>);
+      if (vec) {
+        reduce_batch ? launch(pool_backward_kernel<scalar_t, V, true>) : launch(pool_backward_kernel<scalar_t, V, false>);
       } else {
         reduce_batch ? launch(pool_backward_kernel<scalar_t, 1, true>) : launch(pool_backward_kernel<scalar_t, 1, false>);
       }
