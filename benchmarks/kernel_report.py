@@ -216,20 +216,23 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
             plans += _pool_backward_plan(dtype, B, common.APVIT_TOKEN_KEEP + 1, N, C, reduce_batch=False)
     elif op == "dan_spatial_pool":
         M, C, C2, P = shapes["M"], shapes["C"], shapes["C2"], shapes["P"]
-        reduce_s = Launch(rf"channel_reduce_kernel<true, {t}, float>", (B * M * math.ceil(P / 32),), 256)
-        plans.append(reduce_s)
-        plans.append(Launch(rf"pool_kernel<{t}, float>", (math.ceil(B * C / 8),), 256))
+        # One 512-thread CTA per image, a persistent grid (at most 4 resident per SM); dynamic shared
+        # memory: s [M, P] + partial sums [R, P], R = 512 // P (backward: + t [M, P], grad_g [M, C],
+        # partial [min(M, 4), R, P]), fp32.
+        images = (min(B, SMS * 4),)
+        R = max(1, 512 // P)
+        partial = R * P if R > 1 else 0
+        plans.append(Launch(rf"spatial_pool_kernel<{t}, float>", images, 512, (M * P + partial) * 4))
         if pass_ == "fwd+bwd":
-            plans.append(reduce_s)
-            plans.append(Launch(rf"channel_reduce_kernel<false, {t}, float>", (B * M * math.ceil(P / 32),), 256))
-            # (index type uint32 at these sizes; older sources had none)
-            plans.append(Launch(rf"grad_x_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * C * P),), 256))
-            plans.append(Launch(rf"grad_z_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * M * C2 * P),), 256))
+            plans.append(Launch(rf"spatial_pool_backward_kernel<{t}, float>", images, 512,
+                                (2 * M * P + M * C + min(M, 4) * partial) * 4))
     elif op == "dan_head_fusion":
         C = shapes["C"]
-        plans.append(Launch(rf"head_fusion_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
+        # Grid-stride over B x C, 128-thread CTAs capped at the resident capacity (16 per SM).
+        blocks = (max(1, min(math.ceil(B * C / 128), SMS * 16)),)
+        plans.append(Launch(rf"head_fusion_registers_kernel<{t}, float, unsigned int>", blocks, 128))
         if pass_ == "fwd+bwd":
-            plans.append(Launch(rf"head_fusion_backward_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
+            plans.append(Launch(rf"head_fusion_backward_registers_kernel<{t}, float, unsigned int>", blocks, 128))
     return plans
 
 
@@ -445,9 +448,9 @@ def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
         if pass_ == "fwd+bwd":
             fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[1], False)
     elif op == "dan_spatial_pool":
-        g = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
+        g, s = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
         if pass_ == "fwd+bwd":
-            fn("dan_spatial_pool_backward")(torch.empty_like(g), inputs["x"], inputs["z"])
+            fn("dan_spatial_pool_backward")(torch.empty_like(g), inputs["x"], inputs["z"], s)
     elif op == "dan_head_fusion":
         fused, heads = fn("dan_head_fusion")(inputs["g"], inputs["gate_logits"])
         if pass_ == "fwd+bwd":
