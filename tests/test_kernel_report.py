@@ -48,7 +48,8 @@ def test_cuda_plans_name_one_launch_per_forward_kernel():
     fwd = report.cuda_plan("patch_pool", "fwd", "fp32", shapes)
     both = report.cuda_plan("patch_pool", "fwd+bwd", "fp32", shapes)
     assert len(fwd) == 1 and fwd[0].grid == (256,) and fwd[0].threads == 512
-    assert len(both) == 3 and both[2].grid == (147,)  # 196 rows x 768 channels / 4 per pack / 256
+    # pool_backward: 196 rows x 768 channels / 4 per unit / 256 = 147 tiles x 8 batch chunks
+    assert len(both) == 3 and both[1].grid == (256,) and both[2].grid == (147, 8)
 
 
 def test_minimal_bytes_of_patch_pool():
