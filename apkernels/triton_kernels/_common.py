@@ -36,6 +36,12 @@ def warps_for(n_pad: int) -> int:
     return min(16, max(4, n_pad // 256))
 
 
+def warps_for_tile(tile_elements: int) -> int:
+    """Warps for a program whose largest register tile has `tile_elements` elements: at most 8 per
+    thread (no spills with int64 addresses), between 4 and 16 warps."""
+    return min(16, max(4, tile_elements // (8 * 32)))
+
+
 def check_launch(op: str, **tensors) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors in the interpreter (TRITON_INTERPRET=1)."""
     for name, t in tensors.items():

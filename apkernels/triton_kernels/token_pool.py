@@ -1,7 +1,14 @@
 """Triton attentive token pooling: one program per sequence scores the N-1 patch tokens
 from the CLS query row (q[:, h, 0] . k[:, h, j] * scale, reduced over heads, fp32 accumulation),
 selects the top `keep`, and gathers CLS + the kept tokens. q and k are read through their strides,
-so views of a [B, N, 3, heads, head_dim] qkv tensor need no copy; only q[:, :, 0] is read."""
+so views of a [B, N, 3, heads, head_dim] qkv tensor need no copy; only q[:, :, 0] is read, and every
+element once.
+
+One program per sequence is the unit because the selection needs all of a sequence's scores: Triton
+has no cluster / distributed shared memory to share them between programs, and splitting the gather
+over programs would make each re-read k to score again. The program is wide instead (up to 16 warps,
+at most 8 tile elements per thread: no spills), so the paper batch fills the SMs' warp slots. (A
+persistent loop over sequences was tried: it raised fp32 registers from 58 to 128.)"""
 import torch
 import triton
 import triton.language as tl
@@ -87,12 +94,15 @@ def token_pool_triton(x, q, k, keep, scale, score):
     block_d = _common.block_for(head_dim, n_pad)
     block_c = _common.block_for(C, n_pad)
     sq_b, sq_h, _, sq_d = q.stride()
+    if B == 0:
+        return out, index
+    num_warps = _common.warps_for_tile(n_pad * max(block_d, block_c))
     _token_pool_kernel[(B,)](
         x, q, k, out, index,
         N, C, heads, head_dim, keep, float(scale),
         *x.stride(), sq_b, sq_h, sq_d, *k.stride(), *out.stride(), *index.stride(),
         SCORE=SCORE_CODES[score], N_PAD=n_pad, BLOCK_D=block_d, BLOCK_C=block_c,
-        num_warps=_common.warps_for(n_pad),
+        num_warps=num_warps,
     )
     return out, index
 
