@@ -112,6 +112,40 @@ def test_patch_pool_gradients(dtype):
     assert_close(gp, rp, dtype)  # a batch sum
 
 
+@pytest.mark.parametrize(
+    "shape,keep,layout",
+    [
+        ((2, 5, 7, 9), 20, "contiguous"),  # N = 63: four tiles of 16, the last one partial
+        ((1, 3, 6, 6), 1, "contiguous"),  # B = 1, keep = 1
+        ((2, 4, 5, 7), 35, "channels_last"),  # keep = N
+        ((2, 6, 4, 5), 9, "sliced"),  # every stride non-trivial
+    ],
+)
+def test_patch_pool_tiled_selection(monkeypatch, shape, keep, layout):
+    """Maps beyond ROW_POSITIONS take the tiled kernel (keys in a workspace, radix select): forced
+    here at small sizes with 16-position tiles; integer values tie everywhere, plus NaN / inf /
+    signed zeros, so every score must pick exactly the reference's positions."""
+    from apkernels.triton_kernels import patch_pool as triton_patch_pool
+
+    monkeypatch.setattr(triton_patch_pool, "ROW_POSITIONS", 1)
+    monkeypatch.setattr(triton_patch_pool, "TILE_POSITIONS", 16)
+    B, C, H, W = shape
+    if layout == "sliced":
+        x = small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
+    else:
+        x = small_ints(*shape, device=DEVICE)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    if layout == "contiguous" and keep > 1:
+        x[0, :, 0, 1] = -0.0
+        x[0, 1, 1, 2] = float("nan")
+        x[-1, 0, 2, 0] = float("inf")
+        x[-1, 2, 0, 3] = float("-inf")
+    pos = torch.randn(1, H * W, C, device=DEVICE)
+    for score in reference.PATCH_SCORES:
+        check_patch_pool(x, keep, pos, score)
+
+
 def test_patch_pool_rejects_float64_and_cpu_without_interpreter(monkeypatch):
     x = torch.randn(1, 2, 2, 2, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="x must be one of float16, bfloat16, float32"):
