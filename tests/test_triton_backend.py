@@ -190,6 +190,27 @@ def test_token_pool_shapes(B, N, heads, head_dim, keep):
     check_token_pool(x, q, k, keep, head_dim**-0.5, "sum")
 
 
+@pytest.mark.parametrize(
+    "B,N,heads,head_dim,keep",
+    [(2, 40, 3, 5, 17), (1, 24, 2, 3, 1), (2, 19, 1, 4, 18)],  # 39 tokens in 3 tiles; keep = 1; keep = N - 1
+)
+def test_token_pool_tiled_selection(monkeypatch, B, N, heads, head_dim, keep):
+    """More than ROW_TOKENS patch tokens take the tiled kernel (keys in a workspace, radix select):
+    forced here with 16-token tiles; integer q/k tie everywhere, so every score must pick exactly
+    the reference's tokens."""
+    from apkernels.triton_kernels import token_pool as triton_token_pool
+
+    monkeypatch.setattr(triton_token_pool, "ROW_TOKENS", 1)
+    monkeypatch.setattr(triton_token_pool, "TILE_TOKENS", 16)
+    q, k = qkv_views(B, N, heads, head_dim, torch.float32)
+    k = k.clone()
+    k[0, 0, 3, 0] = float("nan")
+    k[-1, -1, 5, :] = float("inf")
+    x = torch.randn(B, N, 2 * heads * head_dim + 1, device=DEVICE)[:, :, 1::2]  # strided x
+    for score in reference.TOKEN_SCORES:
+        check_token_pool(x, q, k, keep, 0.5, score)
+
+
 def test_token_pool_x_dtype_differs_from_qk_and_contiguous_qk():
     q, k = qkv_views(2, 9, 2, 4, torch.bfloat16)
     x = torch.randn(2, 9, 8, device=DEVICE)
