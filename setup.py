@@ -3,7 +3,8 @@
 The extension is compiled against the torch installed in the environment being installed into:
 ``pip install .`` (build isolation on; see build_backend/apkernels_backend.py), ``pip install
 --no-build-isolation .`` and ``pip install -e .`` all do. Without torch there, the build installs
-one and the wheel requires exactly that torch version.
+one that the target install's pip constraints allow (or APKERNELS_TORCH_REQUIREMENT) and the wheel
+requires exactly that torch version.
 
 Switches (environment variables, flash-attention style):
   APKERNELS_CUDA=1 / 0   force / skip the CUDA kernels (default: build them when the installed
@@ -11,6 +12,9 @@ Switches (environment variables, flash-attention style):
   TORCH_CUDA_ARCH_LIST   CUDA archs (default: the visible GPU's, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs for ninja
   CUDA_HOME              CUDA toolkit root (default: found from nvcc on PATH, wrapper scripts too)
+  APKERNELS_TORCH_REQUIREMENT
+                         the torch a build gets when the target environment has none (default
+                         torch>=2.11, within the target's pip constraints; build_backend/)
   APKERNELS_PY_LIMITED_API=1
                          build _C against Python's stable ABI (_C.abi3.so, loads in CPython >= 3.10):
                          `make gpu-bundle` uses it to build here for a machine with another Python
@@ -191,7 +195,7 @@ def extension():
 # APKERNELS_EMULATION_COVERAGE=1 adds gcov instrumentation (docs/cuda-kernels.md, coverage).
 EMULATION_MUTANTS = {
     # name: (source, text, mutated text) -- compiled as ops apkernels::<op>_cuda_mutant_<name>
-    "off_by_one": ("csrc/ops/cuda/patch_pool_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
+    "off_by_one": ("csrc/ops/cuda/pool_backward_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
 }
 
 
