@@ -63,6 +63,16 @@ def test_patch_pool_scores_ties_dtypes(score, dtype):
     check_patch_pool(x, 7, pos, score)
 
 
+def patch_pool_input(shape, layout):
+    """Small-integer x of `shape` [B, C, H, W]: contiguous, channels_last, or "sliced" (a strided
+    view with every stride non-trivial)."""
+    B, C, H, W = shape
+    if layout == "sliced":
+        return small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
+    x = small_ints(*shape, device=DEVICE)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
 @pytest.mark.parametrize(
     "shape,keep,layout",
     [
@@ -75,12 +85,7 @@ def test_patch_pool_scores_ties_dtypes(score, dtype):
 )
 def test_patch_pool_shapes_and_layouts(shape, keep, layout):
     B, C, H, W = shape
-    if layout == "sliced":
-        x = small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
-    else:
-        x = small_ints(*shape, device=DEVICE)
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
+    x = patch_pool_input(shape, layout)
     pos = torch.randn(1, H * W, C, device=DEVICE)
     check_patch_pool(x, keep, pos if keep > 1 else None, "sum_abs")
 
@@ -130,12 +135,7 @@ def test_patch_pool_tiled_selection(monkeypatch, shape, keep, layout):
     monkeypatch.setattr(triton_patch_pool, "ROW_POSITIONS", 1)
     monkeypatch.setattr(triton_patch_pool, "TILE_POSITIONS", 16)
     B, C, H, W = shape
-    if layout == "sliced":
-        x = small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
-    else:
-        x = small_ints(*shape, device=DEVICE)
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
+    x = patch_pool_input(shape, layout)
     if layout == "contiguous" and keep > 1:
         x[0, :, 0, 1] = -0.0
         x[0, 1, 1, 2] = float("nan")

@@ -194,3 +194,12 @@ def radix_threshold(keys_ptr, N, K, BLOCK: tl.constexpr):
             mask = ~(((zero + 1).to(tl.int64) << shift) - 1)
             done = (count == k_rem).to(tl.int32)
     return prefix, mask
+
+
+@triton.jit
+def tile_selection(keys_ptr, pos, valid, prefix, mask, written):
+    """(selected, slot) for a tile of positions `pos`: kept by radix_threshold's (prefix, mask);
+    slots in ascending position order, after the `written` positions kept in earlier tiles."""
+    key = tl.load(keys_ptr + pos, mask=valid, other=0)
+    selected = valid & ((key & mask) >= prefix)
+    return selected, written + tl.cumsum(selected.to(tl.int32), 0) - 1

@@ -116,9 +116,7 @@ def _patch_pool_tiled_kernel(
     for p0 in range(0, N, BLOCK_P):
         p = p0 + offs
         valid = p < N
-        key = tl.load(keys_row + p, mask=valid, other=0)
-        selected = valid & ((key & mask) >= prefix)
-        slot = written + tl.cumsum(selected.to(tl.int32), 0) - 1
+        selected, slot = _common.tile_selection(keys_row, p, valid, prefix, mask, written)
         tl.store(index_ptr + b * si_b + slot.to(tl.int64) * si_k, p.to(tl.int64), mask=selected)
         _gather_positions(x_base, pos_ptr, out_ptr + b * so_b, p, selected, slot, C, W, sx_c, sx_h, sx_w, spos_n,
                           spos_c, so_k, so_c, HAS_POS, BLOCK_C)

@@ -131,9 +131,7 @@ def _token_pool_tiled_kernel(
     for j0 in range(0, n, BLOCK_J):
         j = j0 + offs
         valid = j < n
-        key = tl.load(keys_row + j, mask=valid, other=0)
-        selected = valid & ((key & mask) >= prefix)
-        slot = written + tl.cumsum(selected.to(tl.int32), 0) - 1
+        selected, slot = _common.tile_selection(keys_row, j, valid, prefix, mask, written)
         _gather_tokens(x_ptr + b * sx_b, out_ptr + b * so_b, index_ptr + b * si_b, j, selected, slot, C, sx_n, sx_c,
                        so_k, so_c, si_k, BLOCK_C)
         written += tl.sum(selected.to(tl.int32), 0)
