@@ -412,6 +412,12 @@ def compile_every_kernel_for_sm90():
           dict(SCORE=3, HAS_POS=True, N_PAD=256, BLOCK_C=16))
     build(token_pool._token_pool_kernel, dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64"),
           dict(SCORE=2, N_PAD=256, BLOCK_D=16, BLOCK_C=16), floats=("scale",))
+    build(patch_pool._patch_pool_tiled_kernel,
+          dict(x_ptr=bf16, pos_ptr=bf16, out_ptr=bf16, index_ptr="i64", keys_ptr="i64"),
+          dict(SCORE=3, HAS_POS=True, BLOCK_P=1024, BLOCK_C=4), num_warps=16)
+    build(token_pool._token_pool_tiled_kernel,
+          dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64", keys_ptr="i64"),
+          dict(SCORE=2, BLOCK_J=512, BLOCK_D=8, BLOCK_C=8), floats=("scale",), num_warps=16)
     build(pool_backward._scatter_add_rows_kernel, dict(grad_ptr=bf16, index_ptr="i64", rows_ptr="fp32"), dict(BLOCK_C=256))
     build(pool_backward._batch_sum_kernel, dict(rows_ptr=bf16, sum_ptr=bf16), dict(ACC=acc, BLOCK=1024))
     build(dan_spatial_pool._dan_spatial_pool_kernel, dict(x_ptr=bf16, z_ptr=bf16, g_ptr=bf16),
