@@ -50,16 +50,18 @@ OP_TABLE = (
         module="token_pool",
         backward="pool_backward",
     ),
-    # DAN spatial attention + global average pool: g[b, m, c] = mean_p x[b, c, p] * sum_c2 relu(z[b, m, c2, p]).
+    # DAN spatial attention + global average pool: g[b, m, c] = mean_p x[b, c, p] * s[b, m, p] with
+    # s[b, m, p] = sum_c2 relu(z[b, m, c2, p]). Returns (g [B, M, C], s [B, M, H*W] in the accumulation
+    # dtype: fp32, fp64 for fp64): the backward reads the saved s instead of recomputing it from z.
     OpDef(
         "dan_spatial_pool",
-        "(Tensor x, Tensor z) -> Tensor",
+        "(Tensor x, Tensor z) -> (Tensor, Tensor)",
         module="dan_spatial_pool",
         backward="dan_spatial_pool_backward",
     ),
     OpDef(
         "dan_spatial_pool_backward",
-        "(Tensor grad_g, Tensor x, Tensor z) -> (Tensor, Tensor)",
+        "(Tensor grad_g, Tensor x, Tensor z, Tensor s) -> (Tensor, Tensor)",
         module="dan_spatial_pool",
         public=False,
     ),

@@ -120,19 +120,23 @@ def dan_spatial_attention(z: torch.Tensor) -> torch.Tensor:
     return z.relu().sum(2)
 
 
-def dan_spatial_pool(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Official formulation: sa = x * s materialised per head, then global average pooled -> [B, M, C]."""
+def dan_spatial_pool(x: torch.Tensor, z: torch.Tensor):
+    """Official formulation: sa = x * s materialised per head, then global average pooled.
+
+    Returns (g [B, M, C], s [B, M, H*W]): s, the attention maps in the accumulation dtype (fp32,
+    fp64 for fp64), is what the backward reads instead of recomputing it from z.
+    """
     acc = accum_dtype(x.dtype)
     s = dan_spatial_attention(z.to(acc))
     sa = x.to(acc).unsqueeze(1) * s.unsqueeze(2)
-    return sa.mean((3, 4)).to(x.dtype)
+    return sa.mean((3, 4)).to(x.dtype), s.detach().flatten(2)
 
 
-def dan_spatial_pool_backward(grad_g, x, z):
+def dan_spatial_pool_backward(grad_g, x, z, s):
+    """Gradients of g with respect to x and z, given the forward's attention maps s [B, M, H*W]."""
     acc = accum_dtype(x.dtype)
-    g, x32, z32 = grad_g.to(acc), x.to(acc).flatten(2), z.to(acc).flatten(3)
+    g, x32, z32, s = grad_g.to(acc), x.to(acc).flatten(2), z.to(acc).flatten(3), s.to(acc)
     P = x32.shape[-1]
-    s = dan_spatial_attention(z32)  # [B, M, P]
     grad_x = torch.einsum("bmc,bmp->bcp", g, s) / P
     t = torch.einsum("bmc,bcp->bmp", g, x32) / P
     grad_z = torch.where(z32 <= 0, 0.0, t.unsqueeze(2))  # torch.relu's gradient (a select: NaN z passes t)

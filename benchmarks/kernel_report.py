@@ -1,13 +1,15 @@
 """Static report of every CUDA and Triton kernel for sm_90 (H100/H200), made without a GPU.
 
-    python -m benchmarks.kernel_report [--json PATH] [--markdown PATH] [--quick] [--backend B] [--csrc DIR]
+    python -m benchmarks.kernel_report [--json PATH] [--markdown PATH] [--global-bytes] [--check [--strict]]
+                                       [--quick] [--backend B] [--op OP] [--dtype D] [--batch N] [--csrc DIR]
 
 For each fused op, backend ("cuda" / "triton"), pass ("fwd" / "fwd+bwd"), dtype and batch it prints
 the kernels one op call launches at the papers' shapes with, per kernel: registers and spills
 (ptxas for sm_90), shared memory per CTA (static + dynamic), resident CTAs and warps per SM
 (occupancy from registers, shared memory and threads on sm_90), grid and waves over 132 SMs; and
-per op: launches per call, minimal bytes (every input read once, every output written once) and
-global bytes moved.
+per op: launches per call, the aten ops the call runs besides its kernels, minimal bytes (every
+input read once, every output written once) and global bytes moved. `--check` adds one line per
+row with every target met or missed (`--strict`: exit status 1 when one is missed).
 
 Where the numbers come from:
 - CUDA: every `csrc/ops/cuda/*.cu` is compiled for sm_90 with nvcc `-Xptxas -v` (cached by source
@@ -17,15 +19,18 @@ Where the numbers come from:
 - Triton: the op's launcher runs on CPU tensors with every `JITFunction.run` intercepted, so each
   launch's grid, arguments, constexprs and `num_warps` are the launcher's own; each launch is then
   specialised the way Triton's JIT does (its own binder, for `GPUTarget("cuda", 90, 32)`), compiled
-  to PTX and run through ptxas -v. Nothing executes.
-- global_bytes: measured, never estimated. `--emulated-counters` runs each CUDA row's op call on the
-  CUDA emulation build and takes launches and global bytes from `apkernels._emulation.counters()`
-  (the real kernel code): batches up to 3 exactly, larger ones extrapolated from B = 1, 2, 3
-  (EMULATED_BATCHES; each row's `global_bytes_source` says which). Without nvcc it prints that
-  traffic table alone. Without the flag, and for Triton (no load/store accounting yet),
-  global_bytes is None ("n/a").
+  to PTX and run through ptxas -v. Nothing executes. The aten ops of the op calls are recorded with
+  the torch profiler meanwhile.
+- global_bytes: measured, never estimated. `--global-bytes` runs each CUDA row's op call on the
+  CUDA emulation build (launches, global bytes and host aten ops from `apkernels._emulation.counters()`
+  and the profiler) and each Triton row's op call in the Triton interpreter (a child process with
+  TRITON_INTERPRET=1; `interpreted_global_traffic` counts every tl.load / tl.store / atomic), the
+  real kernel code both: batches up to 3 exactly, larger ones extrapolated from B = 1, 2, 3
+  (MEASURED_BATCHES; each row's `global_bytes_source` says which). Without nvcc the CUDA rows carry
+  those measurements alone. Without the flag global_bytes is None ("n/a").
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -183,6 +188,7 @@ class Launch:
     grid: tuple
     threads: int
     dynamic_shared_bytes: int = 0
+    persistent: bool = False  # a persistent grid (loops over the work): the waves target does not apply
 
 
 CUDA_TYPES = {"fp32": "float", "bf16": "c10::BFloat16"}
@@ -218,20 +224,23 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
             plans += _pool_backward_plan(dtype, B, N, C, reduce_batch=False)
     elif op == "dan_spatial_pool":
         M, C, C2, P = shapes["M"], shapes["C"], shapes["C2"], shapes["P"]
-        reduce_s = Launch(rf"channel_reduce_kernel<true, {t}, float>", (B * M * math.ceil(P / 32),), 256)
-        plans.append(reduce_s)
-        plans.append(Launch(rf"pool_kernel<{t}, float>", (math.ceil(B * C / 8),), 256))
+        # One 512-thread CTA per image, a persistent grid (at most 4 resident per SM); dynamic shared
+        # memory: s [M, P] + partial sums [R, P], R = 512 // P (backward: + t [M, P], grad_g [M, C],
+        # partial [min(M, 4), R, P]), fp32.
+        images = (min(B, SMS * 4),)
+        R = max(1, 512 // P)
+        partial = R * P if R > 1 else 0
+        plans.append(Launch(rf"spatial_pool_kernel<{t}, float>", images, 512, (M * P + partial) * 4))
         if pass_ == "fwd+bwd":
-            plans.append(reduce_s)
-            plans.append(Launch(rf"channel_reduce_kernel<false, {t}, float>", (B * M * math.ceil(P / 32),), 256))
-            # (index type uint32 at these sizes; older sources had none)
-            plans.append(Launch(rf"grad_x_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * C * P),), 256))
-            plans.append(Launch(rf"grad_z_kernel<{t}, float(, unsigned int)?>", (_elementwise_blocks(B * M * C2 * P),), 256))
+            plans.append(Launch(rf"spatial_pool_backward_kernel<{t}, float>", images, 512,
+                                (2 * M * P + M * C + min(M, 4) * partial) * 4))
     elif op == "dan_head_fusion":
         C = shapes["C"]
-        plans.append(Launch(rf"head_fusion_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
+        # Grid-stride over B x C, 128-thread CTAs capped at the resident capacity (16 per SM).
+        blocks = (max(1, min(math.ceil(B * C / 128), SMS * 16)),)
+        plans.append(Launch(rf"head_fusion_registers_kernel<{t}, float, unsigned int>", blocks, 128))
         if pass_ == "fwd+bwd":
-            plans.append(Launch(rf"head_fusion_backward_kernel<{t}, float>", (_elementwise_blocks(B * C),), 256))
+            plans.append(Launch(rf"head_fusion_backward_registers_kernel<{t}, float, unsigned int>", blocks, 128))
     return plans
 
 
@@ -242,132 +251,309 @@ def _pool_backward_plan(dtype, B, N, C, reduce_batch):
     return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
 
 
-# Batches the emulator runs for the CUDA traffic. Every CUDA launch's grid is per image (patch_pool,
-# token_pool, inverse_index: one CTA per image; channel_reduce: one per (image, head, tile);
-# scatter_rows: a batch dimension, or a loop over the batch for the position gradient) or a
-# grid-stride loop over elements that are B x (per-image size): the bytes a call moves are
-# fixed + per_image * B (fixed: the position gradient written once). The emulator measures B = 1, 2, 3,
-# checks that the three are affine in B and extrapolates; batches up to 3 are measured exactly.
+# ---------------------------------------------------------------------------------- measured op calls
+# Launches, global bytes and host aten ops are measured on the real kernel code, never estimated:
+# the CUDA kernels on the CUDA emulation build (`apkernels._emulation.counters()`: every global load
+# and store of every launch), the Triton kernels in the Triton interpreter
+# (`interpreted_global_traffic`: every tl.load / tl.store / atomic). Both count bytes as the kernel
+# asks for them (no cache model: a re-read counts again). Both run on the CPU, slowly, so batches up
+# to max(MEASURED_BATCHES) run exactly and larger ones are extrapolated from B = 1, 2, 3: every
+# launch's grid is per image (patch_pool, token_pool, inverse_index: one CTA or program per image;
+# channel_reduce and the DAN programs: per (image, head[, tile])), has a batch dimension
+# (scatter_rows), loops over the batch (the position gradient) or is a grid-stride loop over B x
+# per-image elements, so a call's bytes are fixed + per_image * B (fixed: the position gradient
+# written once). The three batches are checked to be affine in B, launches and host ops equal.
 # Affine up to AFFINE_TOLERANCE (relative, per-image bytes): a few loads depend on the data (DAN's
 # grad_z reads t only where z > 0), so the per-image bytes of random inputs vary by a few bytes.
-EMULATED_BATCHES = (1, 2, 3)
+MEASURED_BATCHES = (1, 2, 3)
 AFFINE_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One call of an op (and its backward op) on paper-shaped inputs at one batch."""
+    launches: int
+    backward_launches: int  # launched by the backward op call(s)
+    global_bytes: int  # read + written, every launch of the call
+    host_aten_ops: tuple  # aten ops besides the kernels (None: not recorded)
+
+
+def _measured(op: str, calls) -> Measured:
+    """Measured from [(op call name, [per-launch dict with global_read/write_bytes], aten ops or None)]."""
+    launches = [launch for _, per_call, _ in calls for launch in per_call]
+    backward = [launch for name, per_call, _ in calls if name != op for launch in per_call]
+    aten = None if any(ops is None for _, _, ops in calls) else tuple(o for _, _, ops in calls for o in ops)
+    return Measured(len(launches), len(backward),
+                    sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches), aten)
 
 
 @functools.lru_cache(maxsize=None)
 def _emulated_call(op: str, pass_: str, dtype: str, batch: int):
-    """(launches, global bytes read + written) of one call of the CUDA op (and its backward op) run by
-    the CUDA emulation build on CPU tensors at `batch`, or None without that build."""
+    """Measured of one call of the CUDA op (and its backward op) run by the CUDA emulation build on CPU
+    tensors at `batch` (aten ops recorded with the torch profiler), or None without that build."""
     try:
         from apkernels import _emulation
     except ImportError:
         return None
     if not _emulation.available(op):
         return None
-    _emulation.reset_counters()
-    _run_op(op, pass_, dtype, batch, _emulation.SUFFIX)
-    launches = list(_emulation.counters())
-    return len(launches), sum(launch["global_read_bytes"] + launch["global_write_bytes"] for launch in launches)
+    calls = []
+
+    def call(name, op_fn, *args):
+        _emulation.reset_counters()
+        out, aten = call_recording_aten(op_fn, *args)
+        calls.append((name, list(_emulation.counters()), aten))
+        return out
+
+    _run_op(op, pass_, dtype, batch, _emulation.SUFFIX, call=call)
+    return _measured(op, calls)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_call(op: str, pass_: str, dtype: str, batch: int) -> Measured:
+    """Measured of one call of the Triton op (and its backward op) run by the Triton interpreter on CPU
+    tensors at `batch` (aten ops recorded with the torch profiler, the interpreter's own copies
+    inside each launch left out)."""
+    import torch
+
+    calls = []
+
+    def call(name, op_fn, *args):
+        with interpreted_global_traffic() as launches:
+            out, aten = call_recording_aten(op_fn, *args)
+        calls.append((name, launches, aten))
+        return out
+
+    with torch.no_grad():
+        _run_op(op, pass_, dtype, batch, "_triton", call=call)
+    return _measured(op, calls)
+
+
+def measured_counters(measure, how: str, op: str, pass_: str, dtype: str, batch: int):
+    """{"launches", "backward_launches", "global_bytes", "global_bytes_source", "host_aten_ops"} of one
+    call of the op (and its backward op) at `batch`, from `measure(op, pass_, dtype, batch)` (a
+    Measured, or None when it cannot run here: then None), named `how` in the source.
+
+    Batches up to max(MEASURED_BATCHES) run exactly; larger ones are extrapolated from them after
+    checking that launches and host ops are the same and bytes affine in the batch (RuntimeError
+    otherwise)."""
+    if batch <= max(MEASURED_BATCHES):
+        measured = measure(op, pass_, dtype, batch)
+        return None if measured is None else _counters(measured, measured.global_bytes, f"{how} at B={batch}")
+    measured = [measure(op, pass_, dtype, b) for b in MEASURED_BATCHES]
+    if measured[0] is None:
+        return None
+    same = {(m.launches, m.backward_launches, m.host_aten_ops) for m in measured}
+    steps = [(m1.global_bytes - m0.global_bytes) / (b1 - b0)
+             for (b0, m0), (b1, m1) in zip(zip(MEASURED_BATCHES, measured), zip(MEASURED_BATCHES[1:], measured[1:]))]
+    if len(same) != 1 or max(steps) - min(steps) > AFFINE_TOLERANCE * max(steps):
+        raise RuntimeError(f"{op} {pass_} {dtype}: {how} {measured} at B={MEASURED_BATCHES} are not affine in the "
+                           f"batch: cannot extrapolate to B={batch}")
+    per_image = (measured[-1].global_bytes - measured[0].global_bytes) / (MEASURED_BATCHES[-1] - MEASURED_BATCHES[0])
+    global_bytes = round(measured[0].global_bytes + (batch - MEASURED_BATCHES[0]) * per_image)
+    batches = ",".join(map(str, MEASURED_BATCHES))
+    return _counters(measured[0], global_bytes, f"{how} at B={batches}, extrapolated (affine in B)")
+
+
+def _counters(measured: Measured, global_bytes: int, source: str) -> dict:
+    return {"launches": measured.launches, "backward_launches": measured.backward_launches,
+            "global_bytes": global_bytes, "global_bytes_source": source,
+            "host_aten_ops": None if measured.host_aten_ops is None else list(measured.host_aten_ops)}
 
 
 def emulated_counters(op: str, pass_: str, dtype: str, batch: int):
-    """Launches and global bytes (read + written) of one call of the CUDA op (and its backward op),
-    measured on the CUDA emulation build (the real kernel code, every access counted), or None
-    without that build: {"launches", "global_bytes", "global_bytes_source"}.
+    """measured_counters of the CUDA op on the CUDA emulation build (the real kernel code, every access
+    counted; about 0.2 s per image and op here), or None without that build."""
+    return measured_counters(_emulated_call, "emulated", op, pass_, dtype, batch)
 
-    Batches up to max(EMULATED_BATCHES) run exactly; larger ones are extrapolated from them (the
-    emulator runs every CUDA thread as a fiber: about 0.2 s per image and op here), after checking
-    that launches are the same and bytes affine in the batch (RuntimeError otherwise)."""
-    if batch <= max(EMULATED_BATCHES):
-        measured = _emulated_call(op, pass_, dtype, batch)
-        if measured is None:
-            return None
-        return {"launches": measured[0], "global_bytes": measured[1], "global_bytes_source": f"emulated at B={batch}"}
-    measured = [_emulated_call(op, pass_, dtype, b) for b in EMULATED_BATCHES]
-    if measured[0] is None:
-        return None
-    launches = {m[0] for m in measured}
-    steps = [(m1[1] - m0[1]) / (b1 - b0) for (b0, m0), (b1, m1) in zip(zip(EMULATED_BATCHES, measured),
-                                                                       zip(EMULATED_BATCHES[1:], measured[1:]))]
-    if len(launches) != 1 or max(steps) - min(steps) > AFFINE_TOLERANCE * max(steps):
-        raise RuntimeError(f"{op} {pass_} {dtype}: emulated (launches, bytes) at B={EMULATED_BATCHES} are "
-                           f"{measured}, not affine in the batch: cannot extrapolate to B={batch}")
-    per_image = (measured[-1][1] - measured[0][1]) / (EMULATED_BATCHES[-1] - EMULATED_BATCHES[0])
-    global_bytes = round(measured[0][1] + (batch - EMULATED_BATCHES[0]) * per_image)
-    batches = ",".join(map(str, EMULATED_BATCHES))
-    return {"launches": launches.pop(), "global_bytes": global_bytes,
-            "global_bytes_source": f"emulated at B={batches}, extrapolated (affine in B)"}
+
+def interpreted_counters(op: str, pass_: str, dtype: str, batch: int):
+    """measured_counters of the Triton op run by the Triton interpreter in this process, whose Triton
+    kernels must be interpreted (TRITON_INTERPRET=1 set before apkernels was imported; a compiled
+    launch raises RuntimeError)."""
+    return measured_counters(_interpreted_call, "interpreted", op, pass_, dtype, batch)
+
+
+def interpreted_counters_in_subprocess(requests) -> list:
+    """[interpreted_counters(op, pass_, dtype, batch) for each request], run in a child Python with
+    TRITON_INTERPRET=1 (the report's own process compiles the Triton kernels, so it cannot interpret
+    them); its progress goes to stderr."""
+    code = ("import json, sys\nfrom benchmarks import kernel_report as r\n"
+            "print(json.dumps(r.interpreted_counters_of(json.load(sys.stdin))))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([list(r) for r in requests]), env=env,
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError("measuring the Triton kernels in the interpreter failed (its error is above)")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def interpreted_counters_of(requests) -> list:
+    """The child of interpreted_counters_in_subprocess: one interpreted_counters per request, with a
+    progress bar."""
+    from tqdm import tqdm
+
+    return [interpreted_counters(*request)
+            for request in tqdm(requests, desc="Triton global bytes (interpreter)", unit="row", file=sys.stderr,
+                                dynamic_ncols=True, mininterval=1.0)]
+
+
+# ---------------------------------------------------------------------------------- host aten ops
+# Aten ops that neither touch tensor data nor launch work: allocations, views, metadata. Such an op
+# still counts when an aten op it calls does work (a `contiguous` or `to` that copies, a `reshape`
+# that cannot view).
+_METADATA_ATEN_OPS = frozenset({
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "view_as", "_unsafe_view",
+    "as_strided", "expand", "expand_as", "permute", "select", "slice", "unsqueeze", "squeeze", "reshape",
+    "_reshape_alias", "t", "transpose", "detach", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
+    "is_same_size", "contiguous", "to", "type_as", "unflatten", "flatten", "unbind", "split", "chunk", "narrow",
+    "resolve_conj", "resolve_neg", "set_", "result_type",
+})
+
+
+def host_aten_ops(events) -> list:
+    """Names of the aten ops among torch profiler `events` that do work besides the kernels (copies,
+    fills, conversions, reductions, host syncs such as `is_nonzero`), in call order. An aten op
+    called by another counts as its caller (the fill_ inside zeros is `zeros`, the copy inside a
+    copying `contiguous` is `contiguous`); allocations and views are left out, and so is what runs
+    inside an interpreted Triton launch (INTERPRETED_LAUNCH: the interpreter's own copies)."""
+    def aten(event):
+        return event.name.startswith("aten::")
+
+    def does_work(event):
+        return (aten(event) and event.name[6:] not in _METADATA_ATEN_OPS) or any(map(does_work, event.cpu_children))
+
+    def outermost(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            if aten(parent) or parent.name == INTERPRETED_LAUNCH:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    events = sorted((e for e in events if aten(e) and outermost(e)), key=lambda e: e.time_range.start)
+    return [e.name[6:] for e in events if does_work(e)]
+
+
+def call_recording_aten(fn, *args):
+    """(fn(*args), host_aten_ops of the call), with the torch profiler on the CPU (the autograd
+    profiler without kineto: the same aten events, without kineto's log lines on every call)."""
+    from torch.autograd.profiler import profile
+
+    with profile(use_kineto=False) as prof:
+        out = fn(*args)
+    return out, host_aten_ops(prof.function_events)
 
 
 # ---------------------------------------------------------------------------------- Triton side
-# Aten ops that move data, recorded around the Triton launchers: (op, pass, dtype, batch) -> [name].
+INTERPRETED_LAUNCH = "kernel_report: interpreted Triton launch"  # the profiler range of each launch
+
+
+@contextlib.contextmanager
+def interpreted_global_traffic():
+    """Counts the global memory traffic of the Triton kernels the interpreter runs inside the block:
+    yields a list that gets one dict per launch, {"kernel", "global_read_bytes",
+    "global_write_bytes"}. A load or store moves (mask-true elements) x (element size) bytes; an
+    atomic reads and writes its active elements (as the CUDA emulator counts atomics). No cache
+    model: a re-read counts again.
+
+    The hook is the interpreter's builder, the one place every memory op of an interpreted kernel
+    goes through (triton >= 3.6): create_masked_load / create_masked_store (tl.load / tl.store,
+    masked or not, block pointers and tensor descriptors all end there), create_atomic_rmw and
+    create_atomic_cas; InterpretedFunction.run opens each launch (and marks it for the profiler,
+    INTERPRETED_LAUNCH). All are restored on exit. A compiled (not interpreted) launch inside the
+    block raises RuntimeError."""
+    import numpy as np
+    from torch.autograd.profiler import record_function
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    builder = interpreter.interpreter_builder
+    hooked = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
+    if any(name in vars(builder) for name in hooked):
+        raise RuntimeError("interpreted_global_traffic: already counting (blocks do not nest)")
+    launches = []
+    original = {name: getattr(builder, name) for name in hooked}
+
+    def count(ptrs, mask, read: bool, write: bool):
+        if not launches:
+            raise RuntimeError("a Triton memory op outside a launch")
+        active = ptrs.data.size if mask is None else int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
+        nbytes = active * max(1, ptrs.get_element_ty().primitive_bitwidth // 8)  # int1 is stored in a byte
+        launches[-1]["global_read_bytes"] += nbytes if read else 0
+        launches[-1]["global_write_bytes"] += nbytes if write else 0
+
+    def masked_load(ptrs, mask, *args, **kwargs):
+        count(ptrs, mask, read=True, write=False)
+        return original["create_masked_load"](ptrs, mask, *args, **kwargs)
+
+    def masked_store(ptrs, value, mask, *args, **kwargs):
+        count(ptrs, mask, read=False, write=True)
+        return original["create_masked_store"](ptrs, value, mask, *args, **kwargs)
+
+    def atomic_rmw(rmw_op, ptr, val, mask, *args, **kwargs):
+        count(ptr, mask, read=True, write=True)
+        return original["create_atomic_rmw"](rmw_op, ptr, val, mask, *args, **kwargs)
+
+    def atomic_cas(ptr, cmp, val, *args, **kwargs):
+        count(ptr, None, read=True, write=True)
+        return original["create_atomic_cas"](ptr, cmp, val, *args, **kwargs)
+
+    interpreted_run, compiled_run = interpreter.InterpretedFunction.run, JITFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append({"kernel": self.__name__, "global_read_bytes": 0, "global_write_bytes": 0})
+        with record_function(INTERPRETED_LAUNCH):
+            return interpreted_run(self, *args, **kwargs)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(f"{self.__name__} is compiled, not interpreted: its memory traffic cannot be counted "
+                           "(set TRITON_INTERPRET=1 before importing apkernels)")
+
+    for name, hook in zip(hooked, (masked_load, masked_store, atomic_rmw, atomic_cas)):
+        setattr(builder, name, hook)
+    interpreter.InterpretedFunction.run, JITFunction.run = run, refuse
+    try:
+        yield launches
+    finally:
+        for name in hooked:
+            delattr(builder, name)
+        interpreter.InterpretedFunction.run, JITFunction.run = interpreted_run, compiled_run
+
+
+# Aten ops the Triton launchers run besides their kernels: (op, pass, dtype, batch) -> [name].
 recorded_aten = {}
-_NO_DATA_MOVEMENT = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "as_strided",
-                     "expand", "permute", "select", "slice", "unsqueeze", "squeeze", "reshape", "_reshape_alias",
-                     "t", "transpose", "detach", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
-                     "is_same_size", "_to_copy_meta", "min", "max", "aminmax", "item", "_local_scalar_dense",
-                     "lt", "ge", "any", "all", "eq", "ne", "gt", "le", "logical_or", "bitwise_or", "__or__")
-
-
-def _aten_name(func) -> str:
-    return func.__name__.split(".")[0]
-
-
-class _AtenWork:
-    """Records the aten ops a launcher runs besides its Triton kernels that touch tensor data
-    (fills, copies, dtype conversions), with the torch profiler (nested ops included); index
-    checks (min/max) and allocations are left out. Only while `active` (inside the op calls)."""
-
-    def __enter__(self):
-        self.ops, self.active, self._windows = [], False, []
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def call(self, fn, *args):
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = fn(*args)
-        for event in prof.events():
-            name = event.name
-            if name.startswith("aten::") and name[6:] not in _NO_DATA_MOVEMENT and not _inside_aten(event):
-                self.ops.append(name[6:])
-        return out
-
-
-def _inside_aten(event) -> bool:
-    """True for an aten op called by another aten op (e.g. the fill_ inside zeros): count the outer one."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
-    """[(JITFunction, grid, args, kwargs)] of one call of the Triton op (and its backward), recorded
-    from the launcher without running anything."""
+    """[(op call name, JITFunction, grid, args, kwargs)] of one call of the Triton op (and its backward),
+    recorded from the launcher without running anything (the aten ops of the calls go to
+    recorded_aten)."""
     import torch
     from triton.runtime.jit import JITFunction
 
     from apkernels.triton_kernels import _common
 
-    recorded = []
+    recorded, aten, current = [], [], []
 
     def record(self, *args, grid, warmup, **kwargs):
-        recorded.append((self, grid, args, kwargs))
+        recorded.append((current[-1], self, grid, args, kwargs))
+
+    def call(name, op_fn, *args):
+        current.append(name)
+        out, ops = call_recording_aten(op_fn, *args)
+        aten.extend(ops)
+        return out
 
     saved = JITFunction.run, getattr(_common, "check_launch", None)
     JITFunction.run = record
     if saved[1] is not None:
         _common.check_launch = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
     try:
-        with torch.no_grad(), _AtenWork() as aten:
-            _run_op(op, pass_, dtype, batch, "_triton", inputs_outside=aten)
-        recorded_aten[(op, pass_, dtype, batch)] = aten.ops
+        with torch.no_grad():
+            _run_op(op, pass_, dtype, batch, "_triton", call=call)
+        recorded_aten[(op, pass_, dtype, batch)] = aten
     finally:
         JITFunction.run = saved[0]
         if saved[1] is not None:
@@ -375,9 +561,10 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     return recorded
 
 
-def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
+def _run_op(op, pass_, dtype, batch, suffix, call=None):
     """One call of torch.ops.apkernels.<op><suffix> (and its backward op) on paper-shaped inputs.
-    `inputs_outside` (an _AtenWork) records the aten ops of the op calls (not of building inputs)."""
+    `call(name, op_fn, *args)`, when given, makes each op call (name: the op without suffix), e.g.
+    to measure it; building the inputs stays outside."""
     import torch
 
     from benchmarks import specs as common
@@ -389,28 +576,35 @@ def _run_op(op, pass_, dtype, batch, suffix, inputs_outside=None):
 
     def fn(name):
         op_fn = getattr(ops, name + suffix)
-        return op_fn if inputs_outside is None else lambda *args: inputs_outside.call(op_fn, *args)
+        return op_fn if call is None else functools.partial(call, name, op_fn)
     if op == "patch_pool":
         x = inputs["x"]
         tokens, index = fn("patch_pool")(x, common.APVIT_KEEP, inputs["pos"], "sum_abs")
         if pass_ == "fwd+bwd":  # the forward did not run: valid kept positions stand in for its index
-            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[2] * x.shape[3], True)
+            fn("pool_backward")(_grad_like(tokens), _kept(index), x.shape[2] * x.shape[3], True)
     elif op == "token_pool":
         x = inputs["x"]
         tokens, index = fn("token_pool")(x, inputs["q"], inputs["k"], common.APVIT_TOKEN_KEEP, common.TOKEN_SCALE,
                                          "sum")
         if pass_ == "fwd+bwd":
-            fn("pool_backward")(torch.empty_like(tokens), _kept(index), x.shape[1], False)
+            fn("pool_backward")(_grad_like(tokens), _kept(index), x.shape[1], False)
     elif op == "dan_spatial_pool":
-        g = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
+        g, s = fn("dan_spatial_pool")(inputs["x"], inputs["z"])
         if pass_ == "fwd+bwd":
-            fn("dan_spatial_pool_backward")(torch.empty_like(g), inputs["x"], inputs["z"])
+            fn("dan_spatial_pool_backward")(_grad_like(g), inputs["x"], inputs["z"], s)
     elif op == "dan_head_fusion":
         fused, heads = fn("dan_head_fusion")(inputs["g"], inputs["gate_logits"])
         if pass_ == "fwd+bwd":
-            fn("dan_head_fusion_backward")(torch.empty_like(fused), torch.empty_like(heads), inputs["g"],
+            fn("dan_head_fusion_backward")(_grad_like(fused), _grad_like(heads), inputs["g"],
                                            inputs["gate_logits"], heads)
     return inputs
+
+
+def _grad_like(t):
+    """A random upstream gradient shaped like `t` (finite values: no overflow warnings from the interpreter)."""
+    import torch
+
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(t.dtype)
 
 
 def _kept(index):
@@ -519,7 +713,7 @@ def _meta_outputs(op, i):
     return (torch.empty(B, g.shape[2], dtype=g.dtype), torch.empty_like(g))
 
 
-def kernel_entry(name, resources, grid, threads, dynamic_shared):
+def kernel_entry(name, resources, grid, threads, dynamic_shared, persistent=False):
     ctas = math.prod(grid)
     shared = resources.static_shared_bytes + dynamic_shared
     occ = occupancy(resources.registers, shared, threads)
@@ -534,6 +728,8 @@ def kernel_entry(name, resources, grid, threads, dynamic_shared):
         "occupancy_limiter": occ.limiter,
         "grid": list(grid),
         "waves": round(ctas / (occ.ctas_per_sm * SMS), 3) if occ.ctas_per_sm else None,
+        # declared so by its plan, or a grid of whole SMs that fits in one wave (a kernel that loops)
+        "persistent": bool(persistent) or (ctas % SMS == 0 and ctas <= occ.ctas_per_sm * SMS),
     }
 
 
@@ -544,44 +740,70 @@ def cuda_rows(resources: dict, batches, dtypes, emulate: bool = False, ops=OPS) 
             for dtype in dtypes:
                 for batch in batches:
                     kernels = []
-                    for launch in cuda_plan(op, pass_, dtype, op_shapes(op, batch)):
+                    plan = cuda_plan(op, pass_, dtype, op_shapes(op, batch))
+                    for launch in plan:
                         matches = [n for n in resources if re.search(launch.kernel, n)]
                         if not matches:
                             raise RuntimeError(f"no compiled kernel matches {launch.kernel!r} (op {op})")
                         name = min(matches, key=len)
                         kernels.append(kernel_entry(_short(name), resources[name], launch.grid, launch.threads,
-                                                    launch.dynamic_shared_bytes))
+                                                    launch.dynamic_shared_bytes, launch.persistent))
                     counters = emulated_counters(op, pass_, dtype, batch) if emulate else None
-                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels, counters=counters))
+                    rows.append(make_row(op, "cuda", pass_, dtype, batch, kernels,
+                                         counters=counters or _planned_launches(op, pass_, dtype, batch)))
     return rows
 
 
+def _planned_launches(op, pass_, dtype, batch) -> dict:
+    """Launches and backward launches of one CUDA op call as cuda_plan writes them out."""
+    shapes = op_shapes(op, batch)
+    launches = len(cuda_plan(op, pass_, dtype, shapes))
+    return {"launches": launches, "backward_launches": launches - len(cuda_plan(op, "fwd", dtype, shapes))}
+
+
 def emulated_traffic_rows(batches, dtypes, ops=OPS) -> list:
-    """CUDA rows with the emulator's launches and global bytes only (no nvcc: no kernel resources)."""
+    """CUDA rows with the emulator's launches, global bytes and host ops only (no nvcc: no kernel
+    resources)."""
     return [make_row(op, "cuda", pass_, dtype, batch, [], counters=emulated_counters(op, pass_, dtype, batch))
             for op in ops for pass_ in PASSES for dtype in dtypes for batch in batches]
 
 
-def triton_rows(batches, dtypes, ops=OPS) -> list:
-    rows, cache = [], {}
+def triton_rows(batches, dtypes, ops=OPS, global_bytes: bool = False) -> list:
+    """Triton rows: each launch compiled for sm_90; with `global_bytes`, the traffic measured in the
+    interpreter (a child process)."""
+    rows, cache, requests = [], {}, []
     for op in ops:
         for pass_ in PASSES:
             for dtype in dtypes:
                 for batch in batches:
-                    kernels = []
-                    for jit_fn, grid, args, kwargs in triton_launches(op, pass_, dtype, batch):
+                    kernels, backward = [], 0
+                    for name, jit_fn, grid, args, kwargs in triton_launches(op, pass_, dtype, batch):
                         grid = tuple(grid) if not callable(grid) else tuple(grid(kwargs))
                         res, shared, warps = triton_compile(jit_fn, args, kwargs, cache)
                         kernels.append(kernel_entry(jit_fn.__name__, res, grid, warps * 32, shared))
-                    row = make_row(op, "triton", pass_, dtype, batch, kernels, counters=None)
-                    row["host_aten_ops"] = recorded_aten.get((op, pass_, dtype, batch), [])
-                    rows.append(row)
+                        backward += name != op
+                    recorded = {"launches": len(kernels), "backward_launches": backward,
+                                "host_aten_ops": recorded_aten.get((op, pass_, dtype, batch), [])}
+                    rows.append(make_row(op, "triton", pass_, dtype, batch, kernels, counters=recorded))
+                    requests.append((op, pass_, dtype, batch))
+    if global_bytes:
+        for row, measured in zip(rows, interpreted_counters_in_subprocess(requests)):
+            if (measured["launches"], measured["backward_launches"]) != (row["launches"], row["backward_launches"]):
+                raise RuntimeError(f"{row['op']} {row['pass']} {row['dtype']} B={row['batch']}: the interpreter ran "
+                                   f"{measured['launches']} launches, the launcher recorded {row['launches']}")
+            row["global_bytes"] = measured["global_bytes"]
+            row["global_bytes_source"] = measured["global_bytes_source"]
+            # measured with the kernels running (checks that read what a kernel wrote included)
+            row["host_aten_ops"] = measured["host_aten_ops"]
     return rows
 
 
 def make_row(op, backend, pass_, dtype, batch, kernels, counters):
+    """One row of the report. `counters` (or None): launches, backward_launches, global_bytes,
+    global_bytes_source, host_aten_ops, as far as measured (launches default to the kernels)."""
     from benchmarks import specs as common
 
+    counters = counters or {}
     return {
         "op": op,
         "backend": backend,
@@ -589,10 +811,12 @@ def make_row(op, backend, pass_, dtype, batch, kernels, counters):
         "dtype": dtype,
         "batch": batch,
         "paper_scale": batch == max(common.OPS[op].batches),
-        "global_bytes": counters["global_bytes"] if counters else None,
-        "global_bytes_source": counters["global_bytes_source"] if counters else None,
+        "global_bytes": counters.get("global_bytes"),
+        "global_bytes_source": counters.get("global_bytes_source"),
         "minimal_bytes": minimal_bytes(op, pass_, dtype, batch),
-        "launches": counters["launches"] if counters else len(kernels),
+        "launches": counters.get("launches", len(kernels)),
+        "backward_launches": counters.get("backward_launches"),
+        "host_aten_ops": counters.get("host_aten_ops"),
         "max_registers": max((k["registers"] for k in kernels), default=None),
         "spills": sum(k["spills"] for k in kernels) if kernels else None,
         "min_warps_per_sm": min((k["warps_per_sm"] for k in kernels), default=None),
@@ -615,20 +839,96 @@ def _short(name: str) -> str:
     return "".join(out)
 
 
+# ---------------------------------------------------------------------------------- targets
+# The static targets of the kernel work, per row (issue: minimal traffic, one launch per forward, at
+# most two per backward, no host copies or fills, no spills, >= 2 waves or a persistent grid at the
+# paper batch, >= 16 resident warps per SM).
+TRAFFIC_TARGET = {"fwd": 1.05, "fwd+bwd": 1.10}  # global bytes / minimal bytes, at most
+FORWARD_LAUNCHES_TARGET = 1
+BACKWARD_LAUNCHES_TARGET = 2  # at most
+WAVES_TARGET = 2  # at least, unless the grid is persistent
+WARPS_PER_SM_TARGET = 16  # at least
+TARGETS = {
+    "bytes": "global / minimal bytes <= 1.05 (fwd), <= 1.10 (fwd+bwd)",
+    "launches": "1 launch per forward, <= 2 per backward",
+    "host ops": "no aten ops besides the kernels (copies, fills, conversions, syncs)",
+    "spills": "no register spills",
+    "waves": ">= 2 waves or a persistent grid (at the paper batch)",
+    "warps/SM": ">= 16 resident warps per SM, every kernel",
+}
+
+
+def evaluate_targets(row) -> dict:
+    """{target: {"met": True / False / None, "value": str}} of a row; met None where the row has no
+    measurement of it (value "n/a") or the target does not apply (value "-")."""
+    def result(met, value):
+        return {"met": met, "value": value}
+
+    out = {}
+    ratio = traffic_ratio(row)
+    out["bytes"] = (result(None, "n/a") if ratio is None
+                    else result(ratio <= TRAFFIC_TARGET[row["pass"]], f"{ratio:.2f}"))
+    backward = row.get("backward_launches")
+    if backward is None:
+        out["launches"] = result(None, "n/a")
+    else:
+        forward = row["launches"] - backward
+        met = forward == FORWARD_LAUNCHES_TARGET and backward <= BACKWARD_LAUNCHES_TARGET
+        out["launches"] = result(met, str(forward) if row["pass"] == "fwd" else f"{forward}+{backward}")
+    aten = row.get("host_aten_ops")
+    out["host ops"] = result(None, "n/a") if aten is None else result(not aten, ", ".join(aten) or "none")
+    kernels = row["kernels"]
+    out["spills"] = result(None, "n/a") if not kernels else result(row["spills"] == 0, f"{row['spills']} B")
+    if not kernels:
+        out["waves"] = result(None, "n/a")
+    elif not row["paper_scale"]:
+        out["waves"] = result(None, "-")
+    else:
+        short = [k for k in kernels if not k["persistent"] and (k["waves"] or 0) < WAVES_TARGET]
+        out["waves"] = result(not short, "ok" if not short else f"{min(k['waves'] or 0 for k in short):.2f}")
+    out["warps/SM"] = result(None, "n/a") if not kernels else result(
+        row["min_warps_per_sm"] >= WARPS_PER_SM_TARGET, str(row["min_warps_per_sm"]))
+    return out
+
+
+def format_check_table(rows) -> str:
+    """One line per row, one column per target: met / MISSED with the value, n/a (not measured here)
+    or - (does not apply); then the counts."""
+    names = list(TARGETS)
+    lines = ["| op | backend | pass | dtype | B | " + " | ".join(names) + " |", "|" + "---|" * (5 + len(names))]
+    counts = {True: 0, False: 0, None: 0}
+    for r in rows:
+        cells = []
+        for name in names:
+            t = r["targets"][name]
+            counts[t["met"]] += t["value"] != "-"
+            cells.append(t["value"] if t["met"] is None else f"{'met' if t['met'] else '**MISSED**'} {t['value']}")
+        lines.append("| " + " | ".join([r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"])] + cells) + " |")
+    legend = "; ".join(f"{name}: {what}" for name, what in TARGETS.items())
+    return ("\n".join(lines) + f"\n\nTargets: {legend}. {counts[True]} met, {counts[False]} missed, {counts[None]} "
+            "not measured (n/a; - = does not apply).")
+
+
 # ---------------------------------------------------------------------------------- output
 def traffic_ratio(row):
     """Global bytes moved / minimal bytes of a row, or None where not measured."""
     return None if row["global_bytes"] is None else row["global_bytes"] / row["minimal_bytes"]
 
 
+def _host_ops(row) -> str:
+    aten = row.get("host_aten_ops")
+    return "n/a" if aten is None else ", ".join(aten) or "none"
+
+
 def format_traffic_table(rows) -> str:
-    """Global bytes moved / minimal bytes per row (the emulated CUDA kernels)."""
-    lines = ["| op | backend | pass | dtype | B | launches | global bytes | minimal bytes | global / minimal | measured |",
-             "|" + "---|" * 10]
+    """Global bytes moved / minimal bytes per row, and how each was measured."""
+    lines = ["| op | backend | pass | dtype | B | launches | host aten ops | global bytes | minimal bytes | "
+             "global / minimal | measured |",
+             "|" + "---|" * 11]
     for r in rows:
         ratio = traffic_ratio(r)
         lines.append("| " + " | ".join([
-            r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), str(r["launches"]),
+            r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), str(r["launches"]), _host_ops(r),
             "n/a" if r["global_bytes"] is None else f"{r['global_bytes'] / 1e6:.2f} MB",
             f"{r['minimal_bytes'] / 1e6:.2f} MB", "n/a" if ratio is None else f"{ratio:.2f}",
             r.get("global_bytes_source") or "not measured"]) + " |")
@@ -648,20 +948,39 @@ def format_table(rows) -> str:
             head = [r["op"], r["backend"], r["pass"], r["dtype"], str(r["batch"]), launches] if i == 0 \
                 else [""] * 6
             tail = [f"{ratio} ({r['minimal_bytes'] / 1e6:.1f} MB min)" if i == 0 else ""]
+            waves = f"{k['waves']:.2f}" + (" (persistent)" if k.get("persistent") else "")
             lines.append("| " + " | ".join(head + [
                 f"`{k['kernel']}`", str(k["registers"]), str(k["spills"]), f"{k['shared_bytes'] / 1024:.1f} KB",
                 str(k["ctas_per_sm"]), str(k["warps_per_sm"]), k["occupancy_limiter"],
-                "x".join(map(str, k["grid"])), f"{k['waves']:.2f}"] + tail) + " |")
+                "x".join(map(str, k["grid"])), waves] + tail) + " |")
     return "\n".join(lines)
+
+
+NOTE = (
+    "global bytes: measured, never estimated, with --global-bytes: CUDA rows on the CUDA emulation build "
+    "(apkernels._emulation counts every global load and store of the real kernel code), Triton rows in the Triton "
+    "interpreter (every tl.load / tl.store / atomic: mask-true elements x element size); bytes read + written, every "
+    "launch of the op call and its backward, no cache model (a re-read counts again). Batches up to "
+    f"{max(MEASURED_BATCHES)} run exactly, larger ones are extrapolated from B={','.join(map(str, MEASURED_BATCHES))} "
+    "(every grid is per image, has a batch dimension or loops over B x per-image elements: bytes are affine in B, "
+    "checked on the three). n/a where not measured. launches = kernels one op call launches (CUDA: the host code's "
+    "plan, or the emulator's count; Triton: recorded from the launcher); host aten ops = the aten ops the call runs "
+    "besides its kernels (copies, fills, conversions, reductions, host syncs; torch profiler on the CPU, while the "
+    "kernels run with --global-bytes; Triton without it: while the launcher runs with its kernels intercepted; CUDA "
+    "without it: n/a), their traffic not in global bytes.")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} to this file")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    parser.add_argument("--emulated-counters", action="store_true",
-                        help="measure the CUDA rows' launches and global bytes on the CUDA emulation build "
-                             "(apkernels._emulation; slow: every CUDA thread is a fiber)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    parser.add_argument("--global-bytes", "--emulated-counters", dest="global_bytes", action="store_true",
+                        help="measure launches, global bytes and host aten ops: CUDA rows on the CUDA emulation build "
+                             "(apkernels._emulation), Triton rows in the Triton interpreter (slow: B=1,2,3 run, "
+                             "larger batches extrapolated)")
+    parser.add_argument("--check", action="store_true",
+                        help="also print the targets per row (met / missed); exit status 0 unless --strict")
+    parser.add_argument("--strict", action="store_true", help="with --check: exit 1 when a target is missed")
     parser.add_argument("--quick", action="store_true", help="paper batch and bf16 only (the CI smoke run)")
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="only these backends")
     parser.add_argument("--op", choices=OPS, action="append", help="only these ops")
@@ -672,6 +991,9 @@ def main(argv=None) -> int:
                              "commit's, exported with git archive, for a before/after comparison)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the Triton kernels are compiled, not interpreted
+    # Kineto logs two lines per profiler start (the host aten ops profile every op call) unless
+    # its level is above all of its levels; read when torch is first imported (below).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     from benchmarks import specs as common
 
@@ -683,35 +1005,34 @@ def main(argv=None) -> int:
     backends = args.backend or BACKENDS
     rows = []
     if "cuda" in backends:
-        if find_nvcc() is None and args.emulated_counters:
-            print("kernel_report: nvcc not found: CUDA rows carry the emulator's traffic only", file=sys.stderr)
+        if find_nvcc() is None and args.global_bytes:
+            print("kernel_report: nvcc not found: CUDA rows carry the emulator's measurements only", file=sys.stderr)
             rows += emulated_traffic_rows(batches, dtypes, ops)
         elif find_nvcc() is None:
             print("kernel_report: nvcc not found: CUDA rows skipped", file=sys.stderr)
         else:
             resources = cuda_resources(progress=lambda m: print(m, file=sys.stderr), csrc=args.csrc)
-            rows += cuda_rows(resources, batches, dtypes, emulate=args.emulated_counters, ops=ops)
+            rows += cuda_rows(resources, batches, dtypes, emulate=args.global_bytes, ops=ops)
     if "triton" in backends:
-        rows += triton_rows(batches, dtypes, ops)
+        rows += triton_rows(batches, dtypes, ops, global_bytes=args.global_bytes)
+    for row in rows:
+        row["targets"] = evaluate_targets(row)
     with_kernels = [r for r in rows if r["kernels"]]  # (none when only the emulator's traffic was measured)
     tables = [format_table(with_kernels)] if with_kernels else []
     measured = [r for r in rows if r["global_bytes"] is not None]
     if measured:  # global bytes moved / minimal bytes of the real kernel code, and how each was measured
-        tables.append("Global bytes moved by the CUDA kernels (emulation build):\n\n" + format_traffic_table(measured))
-    table = "\n\n".join(tables)
-    note = ("global bytes: measured only with --emulated-counters on the CUDA emulation build (apkernels._emulation): "
-            "every global load and store of the real kernel code counted (bytes read + written, all launches of the "
-            f"call); batches up to {max(EMULATED_BATCHES)} exactly, larger ones extrapolated from "
-            f"B={','.join(map(str, EMULATED_BATCHES))} (every grid is per image or a grid-stride loop over B x "
-            "per-image elements: bytes are affine in B, checked on the three). n/a otherwise, and for Triton (no "
-            "load/store accounting yet): never estimated. launches = kernels one op call launches (CUDA: the host "
-            "code's plan, or the emulator's count; Triton: recorded from the launcher).")
-    print(table + "\n\n" + note)
+        tables.append("Global bytes moved (CUDA: emulation build; Triton: interpreter):\n\n"
+                      + format_traffic_table(measured))
+    if args.check or args.strict:
+        tables.append("Targets:\n\n" + format_check_table(rows))
+    text = "\n\n".join(tables) + "\n\n" + NOTE
+    print(text)
     if args.markdown:
-        args.markdown.write_text(table + "\n\n" + note + "\n")
+        args.markdown.write_text(text + "\n")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=1))
-    return 0
+    missed = [r for r in rows if any(t["met"] is False for t in r["targets"].values())]
+    return 1 if args.strict and missed else 0
 
 
 if __name__ == "__main__":

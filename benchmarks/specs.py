@@ -148,7 +148,8 @@ def _spatial_inputs(batch, dtype, device, generator):
 
 
 def _spatial_traffic(inp, out, pass_):
-    x, z, g = inp["x"], inp["z"], out[0]
+    # The public function returns g alone (a tensor: out[0] would be its first image's rows).
+    x, z, g = inp["x"], inp["z"], out[0] if isinstance(out, (tuple, list)) else out
     fwd = nbytes(x, z, g)
     bwd = nbytes(g, x, z) + nbytes(x, z)  # read grad_g, x, z; write grad_x, grad_z
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
@@ -163,7 +164,7 @@ DAN_SPATIAL_POOL = OpSpec(
     make_inputs=_spatial_inputs,
     grad_names=("x", "z"),
     eager=lambda i: official.dan_spatial_pool(i["x"], i["z"]),
-    reference=reference.dan_spatial_pool,
+    reference=lambda x, z: reference.dan_spatial_pool(x, z)[0],  # g (the op also returns the maps s)
     kernel=lambda i, backend: apkernels.dan_spatial_pool(i["x"], i["z"], backend=backend),
     traffic=_spatial_traffic,
 )

@@ -120,6 +120,8 @@ def test_reference_dan_ops_match_official_formulation():
         s = z[:, m].relu().sum(1, keepdim=True)
         heads.append((x * s).mean((2, 3)))
     torch.testing.assert_close(apkernels.dan_spatial_pool(x, z, backend="reference"), torch.stack(heads, 1))
+    _, s = reference.dan_spatial_pool(x, z)  # the saved attention maps
+    torch.testing.assert_close(s, z.relu().sum(2).flatten(2))
     g, a = torch.randn(B, M, C), torch.randn(B, M, C)
     fused, h = apkernels.dan_head_fusion(g, a, backend="reference")
     expect = torch.log_softmax(g * torch.sigmoid(a), dim=1)
@@ -133,8 +135,9 @@ def test_reference_backward_formulas_match_autograd():
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
     z = torch.randn(2, 2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     gg = torch.randn(2, 2, 5, dtype=torch.float64)
-    torch.autograd.backward(reference.dan_spatial_pool(x, z), gg)
-    gx, gz = reference.dan_spatial_pool_backward(gg, x.detach(), z.detach())
+    out, s = reference.dan_spatial_pool(x, z)
+    torch.autograd.backward(out, gg)
+    gx, gz = reference.dan_spatial_pool_backward(gg, x.detach(), z.detach(), s)
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gz, z.grad)
     g = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -163,7 +166,7 @@ def op_samples():
         ("pool_backward", (gt, idx, 9, True)),
         ("pool_backward", (gt, idx, 8, False)),
         ("dan_spatial_pool", (xs, z)),
-        ("dan_spatial_pool_backward", (torch.randn(2, 4, 6), xs.detach(), z.detach())),
+        ("dan_spatial_pool_backward", (torch.randn(2, 4, 6), xs.detach(), z.detach(), z.detach().relu().sum(2).flatten(2))),
         ("dan_head_fusion", (g, a)),
         ("dan_head_fusion_backward", (torch.randn(2, 6), torch.randn(2, 4, 6), g.detach(), a.detach(), g.detach())),
     ]

@@ -83,10 +83,15 @@ def run_every_op():
     xd = torch.randn(2, 5, 3, 4, requires_grad=True)
     zd = torch.randn(2, 3, 4, 3, 4, requires_grad=True)
     apkernels.dan_spatial_pool(xd, zd, backend="cuda").sum().backward()
-    g = torch.randn(2, 3, 5, requires_grad=True)
-    a = torch.randn(2, 3, 5, requires_grad=True)
-    fused, heads = apkernels.dan_head_fusion(g, a, backend="cuda")
-    (fused.sum() + heads.sum()).backward()
+    limit = emu.shared_memory_limit()
+    emu.set_shared_memory_limit(1024)  # DAN's fused kernels do not fit: the fallback kernels run
+    apkernels.dan_spatial_pool(xd, zd, backend="cuda").sum().backward()
+    emu.set_shared_memory_limit(limit)
+    for M in (3, 9):  # 9 heads: more than the single-pass kernels hold in registers
+        g = torch.randn(2, M, 5, requires_grad=True)
+        a = torch.randn(2, M, 5, requires_grad=True)
+        fused, heads = apkernels.dan_head_fusion(g, a, backend="cuda")
+        (fused.sum() + heads.sum()).backward()
 
 
 def test_every_global_kernel_runs():
@@ -94,6 +99,62 @@ def test_every_global_kernel_runs():
     assert len(names) >= 9, names
     ran = set(launched(run_every_op))
     assert names <= ran, f"never launched under emulation: {sorted(names - ran)}"
+
+
+def reads_once(counters):
+    """Every launch read each byte it read once (no re-read of an input, not even from a cache)."""
+    return all(c["global_read_bytes"] == c["global_read_distinct_bytes"] for c in counters)
+
+
+def test_dan_spatial_pool_launches_and_fallback():
+    """One launch forward (s written once), one backward reading the saved s, every input byte
+    read once; when the maps and grad_g outgrow the shared memory, the earlier kernels run: 2
+    launches forward, 3 backward (still with the saved s)."""
+    gen = torch.Generator().manual_seed(4)
+    x, z = torch.randn(2, 5, 3, 4, generator=gen), torch.randn(2, 3, 4, 3, 4, generator=gen)
+    gg = torch.randn(2, 3, 5, generator=gen)
+    want_g, want_s = reference.dan_spatial_pool(x, z)
+    want = reference.dan_spatial_pool_backward(gg, x, z, want_s)
+    fused = (["spatial_pool_kernel"], ["spatial_pool_backward_kernel"])
+    fallback = (["channel_reduce_kernel", "pool_kernel"], ["channel_reduce_kernel", "grad_x_kernel", "grad_z_kernel"])
+    for limit, (forward_kernels, backward_kernels) in ((None, fused), (1024, fallback)):
+        if limit is not None:
+            emu.set_shared_memory_limit(limit)
+        out = {}
+        assert launched(lambda: out.update(fwd=ops.dan_spatial_pool_cuda_emulated(x, z))) == forward_kernels
+        if limit is None:
+            (launch,) = _emulation.counters()
+            assert reads_once([launch]) and launch["global_write_bytes"] == launch["global_write_distinct_bytes"]
+            assert launch["global_write_bytes"] == 4 * (2 * 3 * 5 + 2 * 3 * 12)  # g and s, once
+        g, s = out["fwd"]
+        torch.testing.assert_close(g, want_g)
+        torch.testing.assert_close(s, want_s)
+        assert launched(lambda: out.update(bwd=ops.dan_spatial_pool_backward_cuda_emulated(gg, x, z, s))) == backward_kernels
+        if limit is None:
+            assert reads_once(_emulation.counters())
+        for got, expect in zip(out["bwd"], want):
+            torch.testing.assert_close(got, expect)
+
+
+def test_dan_head_fusion_single_pass_and_fallback_for_many_heads():
+    """Up to 8 heads: one pass, each input byte read once (forward and backward); 9 heads: the
+    two-pass kernels. Both match the reference."""
+    gen = torch.Generator().manual_seed(6)
+    for M, kernels in ((4, ["head_fusion_registers_kernel", "head_fusion_backward_registers_kernel"]),
+                       (9, ["head_fusion_kernel", "head_fusion_backward_kernel"])):
+        g, a = torch.randn(3, M, 7, generator=gen), torch.randn(3, M, 7, generator=gen)
+        gf, gh = torch.randn(3, 7, generator=gen), torch.randn(3, M, 7, generator=gen)
+        out = {}
+        assert launched(lambda: out.update(fwd=ops.dan_head_fusion_cuda_emulated(g, a))) == kernels[:1]
+        assert reads_once(_emulation.counters()) == (M <= 8)
+        fused, heads = out["fwd"]
+        want_fused, want_heads = reference.dan_head_fusion(g, a)
+        torch.testing.assert_close(fused, want_fused)
+        torch.testing.assert_close(heads, want_heads)
+        assert launched(lambda: out.update(bwd=ops.dan_head_fusion_backward_cuda_emulated(gf, gh, g, a, heads))) == kernels[1:]
+        assert reads_once(_emulation.counters()) == (M <= 8)
+        for got, expect in zip(out["bwd"], reference.dan_head_fusion_backward(gf, gh, g, a, heads)):
+            torch.testing.assert_close(got, expect)
 
 
 def test_every_op_has_an_emulated_kernel():
@@ -196,10 +257,10 @@ def test_wrong_shuffle_mask_is_reported():
 
 def test_wrong_shuffle_source_lane_gives_a_wrong_result():
     # warp_sum's butterfly reading lane (l ^ o) + 1 instead of l ^ o: every lane is in the full mask,
-    # so no check can name it; DAN's pool_kernel (a warp_sum per (b, c, head)) then sums some lanes
+    # so no check can name it; DAN's spatial_pool_kernel (a warp_sum per (b, c, head)) then sums some lanes
     # twice and others not at all, and the pooled features differ from the reference.
     x, z = torch.randn(2, 5, 6, 7), torch.randn(2, 3, 4, 6, 7)  # P = 42: both halves of a warp busy
-    expected = reference.dan_spatial_pool(x, z)
+    expected = reference.dan_spatial_pool(x, z)[0]
     torch.testing.assert_close(apkernels.dan_spatial_pool(x, z, backend="cuda"), expected)  # the real kernel
     emu.set_mutation("wrong_source_lane", "helpers.cuh", source_line("helpers.cuh", "v += __shfl_xor_sync(kFullMask"))
     mutated = apkernels.dan_spatial_pool(x, z, backend="cuda")

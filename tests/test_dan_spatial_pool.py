@@ -52,13 +52,19 @@ def assert_close_scaled(actual, expected, bound, dtype):
 
 def expected_forward(x, z):
     x64, z64 = x.double(), z.double()
-    return reference.dan_spatial_pool(x64, z64), reference.dan_spatial_pool(x64.abs(), z64).max().item()
+    return reference.dan_spatial_pool(x64, z64)[0], reference.dan_spatial_pool(x64.abs(), z64)[0].max().item()
+
+
+def attention_maps(z):
+    """The attention maps s [B, M, H*W] the forward saves, in fp64."""
+    return reference.dan_spatial_attention(z.double()).flatten(2)
 
 
 def expected_backward(gg, x, z):
     gg64, x64, z64 = gg.double(), x.double(), z.double()
-    gx, gz = reference.dan_spatial_pool_backward(gg64, x64, z64)
-    bx, bz = reference.dan_spatial_pool_backward(gg64.abs(), x64.abs(), z64)
+    s64 = attention_maps(z)
+    gx, gz = reference.dan_spatial_pool_backward(gg64, x64, z64, s64)
+    bx, bz = reference.dan_spatial_pool_backward(gg64.abs(), x64.abs(), z64, s64)
     return gx, gz, bx.max().item(), bz.max().item()
 
 
@@ -73,6 +79,12 @@ def test_values_and_gradients_match_reference(device, backend):
             assert g.shape == (shape[0], shape[1], shape[2]) and g.dtype == dtype and g.device == x.device
             expect, bound = expected_forward(x.detach(), z.detach())
             assert_close_scaled(g, expect, bound, dtype)
+            # The saved attention maps: the accumulation dtype, [B, M, H*W], sums of relu(z).
+            _, s = op_for(device, backend)(x.detach(), z.detach())
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            assert s.shape == (shape[0], shape[1], shape[4] * shape[5]) and s.dtype == acc and s.is_contiguous()
+            expect_s = attention_maps(z.detach())
+            assert_close_scaled(s, expect_s, expect_s.max().item(), acc)
 
             gg = torch.randn(g.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
             g.backward(gg)
@@ -96,10 +108,11 @@ def test_strided_inputs_and_grads(device, backend):
             assert not x.is_contiguous() and not z.is_contiguous()
             expect, bound = expected_forward(x, z)
             assert_close_scaled(apkernels.dan_spatial_pool(x, z, backend=backend), expect, bound, dtype)
+            _, s = op_for(device, backend)(x, z)
             # A stride-0 (expanded) and a transposed grad_g, as autograd may hand them over.
             for gg in (torch.ones(1, 1, 1, device=device, dtype=dtype).expand(B, M, C),
                        torch.randn(B, C, M, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)):
-                gx, gz = backward_op_for(device, backend)(gg, x, z)
+                gx, gz = backward_op_for(device, backend)(gg, x, z, s)
                 ex, ez, bx, bz = expected_backward(gg, x, z)
                 assert gx.is_contiguous() and gz.is_contiguous()
                 assert_close_scaled(gx, ex, bx, dtype)
@@ -111,8 +124,10 @@ def test_deterministic(device, backend):
     shape = TINY[1] if interpreted(device, backend) else PAPER
     x, z = make_inputs(shape, torch.float32, device, seed=5)
     gg = torch.randn(shape[0], shape[1], shape[2], device=device)
-    first = (op_for(device, backend)(x, z), *backward_op_for(device, backend)(gg, x, z))
-    second = (op_for(device, backend)(x, z), *backward_op_for(device, backend)(gg, x, z))
+    g, s = op_for(device, backend)(x, z)
+    first = (g, s, *backward_op_for(device, backend)(gg, x, z, s))
+    g, s = op_for(device, backend)(x, z)
+    second = (g, s, *backward_op_for(device, backend)(gg, x, z, s))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -124,9 +139,12 @@ def test_relu_edges_on_the_cpu_kernel():
     x = torch.ones(1, 2, 1, 3)
     z = torch.tensor([[[[[0.0, -1.0, float("nan")]], [[2.0, 0.0, 1.0]]]]])  # [1, 1, 2, 1, 3]
     g = apkernels.dan_spatial_pool(x, z, backend="cpu")
-    torch.testing.assert_close(g, reference.dan_spatial_pool(x, z), equal_nan=True)
-    gx, gz = torch.ops.apkernels.dan_spatial_pool_backward(torch.ones(1, 1, 2), x, z)
-    ex, ez = reference.dan_spatial_pool_backward(torch.ones(1, 1, 2), x, z)
+    expect_g, expect_s = reference.dan_spatial_pool(x, z)
+    torch.testing.assert_close(g, expect_g, equal_nan=True)
+    _, s = torch.ops.apkernels.dan_spatial_pool(x, z)
+    torch.testing.assert_close(s, expect_s, equal_nan=True)
+    gx, gz = torch.ops.apkernels.dan_spatial_pool_backward(torch.ones(1, 1, 2), x, z, s)
+    ex, ez = reference.dan_spatial_pool_backward(torch.ones(1, 1, 2), x, z, expect_s)
     torch.testing.assert_close(gx, ex, equal_nan=True)
     torch.testing.assert_close(gz, ez, equal_nan=True)
 
@@ -152,7 +170,8 @@ def test_opcheck(device, backend):
     x, z = make_inputs((2, 2, 5, 3, 2, 3), torch.float32, device, seed=9)
     gg = torch.randn(2, 2, 5, device=device)
     opcheck(op_for(device, backend).default, (x.requires_grad_(), z.requires_grad_()))
-    opcheck(backward_op_for(device, backend).default, (gg, x.detach(), z.detach()))
+    _, s = op_for(device, backend)(x.detach(), z.detach())
+    opcheck(backward_op_for(device, backend).default, (gg, x.detach(), z.detach(), s))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
@@ -196,7 +215,15 @@ def test_bad_arguments(device, backend):
             with pytest.raises(ValueError, match=message):
                 op_for(device, backend)(*args)
     if backend in ("cpu", "cuda"):
+        s = torch.ones(2, 2, 9, device=device)
         with pytest.raises(ValueError, match="grad_g must have shape"):
-            backward_op_for(device, backend)(torch.randn(2, 2, 3, device=device), x, z)
+            backward_op_for(device, backend)(torch.randn(2, 2, 3, device=device), x, z, s)
         with pytest.raises(ValueError, match="grad_g must have the same dtype"):
-            backward_op_for(device, backend)(torch.randn(2, 2, 4, device=device).double(), x, z)
+            backward_op_for(device, backend)(torch.randn(2, 2, 4, device=device).double(), x, z, s)
+    if backend in ("cpu", "cuda", "triton"):  # the saved attention maps the backward reads
+        gg = torch.randn(2, 2, 4, device=device)
+        for bad, message in ((torch.ones(2, 2, 8, device=device), "s must"),
+                             (torch.ones(2, 2, 9, device=device, dtype=torch.float64), "s must"),
+                             (torch.ones(2, 9, 2, device=device).transpose(1, 2), "s must")):
+            with pytest.raises(ValueError, match=message):
+                backward_op_for(device, backend)(gg, x, z, bad)

@@ -111,7 +111,8 @@ def test_backward_ops_called_directly_with_empty_batches(op):
             grads = backward(torch.zeros_like(outs[0]), outs[1], 7, False)
             assert grads[0].shape == (0, 7, 6)
         elif op == "dan_spatial_pool":
-            grads = backward(torch.zeros_like(outs[0]), *args)
+            assert outs[1].shape == (0, 2, 12) and outs[1].dtype == torch.float32  # the saved attention maps
+            grads = backward(torch.zeros_like(outs[0]), *args, outs[1])
             assert [g.shape for g in grads] == [a.shape for a in args]
         else:
             grads = backward(torch.zeros_like(outs[0]), torch.zeros_like(outs[1]), *args, outs[1])

@@ -296,12 +296,13 @@ def case_dan_spatial_pool(rng, backend):
         want = (x64.unsqueeze(1) * z64.relu().sum(2).unsqueeze(2)).mean((3, 4))
         close(out, want.to(v.dtype), v.dtype, desc + " forward", scale)
         want_grads = grads_of(want, [x64, z64], grad.double())
-        explicit = reference.dan_spatial_pool_backward(grad, x.detach(), z.detach())
+        explicit = reference.dan_spatial_pool_backward(grad, x.detach(), z.detach(),
+                                                       reference.dan_spatial_pool(x.detach(), z.detach())[1])
         for got, exp, name in zip(got_grads + explicit, want_grads * 2, ("grad_x", "grad_z") * 2):
             close(got, exp.to(v.dtype), v.dtype, f"{desc} {name}", scale)
         return desc
     xr, zr = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
-    want = reference.dan_spatial_pool(xr, zr)
+    want = reference.dan_spatial_pool(xr, zr)[0]
     close(out, want, v.dtype, desc + " forward", scale)
     for got, exp, name in zip(got_grads, grads_of(want, [xr, zr], grad), ("grad_x", "grad_z")):
         close(got, exp, v.dtype, f"{desc} {name}", scale)

@@ -125,11 +125,15 @@ def run_dan(quick):
             x, z = torch.randn(B, C, H, W, device=DEVICE, dtype=dtype), torch.randn(B, M, C2, H, W, device=DEVICE, dtype=dtype)
             tag = f"dan{(B, C, H, W, M, C2)} {dtype}"
             if native("dan_spatial_pool"):
-                check(tag + " spatial_pool", torch.ops.apkernels.dan_spatial_pool(x, z), reference.dan_spatial_pool(x, z), tol=tol)
+                got_g, got_s = torch.ops.apkernels.dan_spatial_pool(x, z)
+                want_g, want_s = reference.dan_spatial_pool(x, z)
+                check(tag + " spatial_pool", got_g, want_g, tol=tol)
+                check(tag + " spatial_pool maps", got_s, want_s, tol=tol)
             if native("dan_spatial_pool_backward"):
                 grad_g = torch.randn(B, M, C, device=DEVICE, dtype=dtype)
-                got = torch.ops.apkernels.dan_spatial_pool_backward(grad_g, x, z)
-                want = reference.dan_spatial_pool_backward(grad_g, x, z)
+                s = reference.dan_spatial_pool(x, z)[1]
+                got = torch.ops.apkernels.dan_spatial_pool_backward(grad_g, x, z, s)
+                want = reference.dan_spatial_pool_backward(grad_g, x, z, s)
                 check(tag + " spatial_pool_backward x", got[0], want[0], tol=tol)
                 check(tag + " spatial_pool_backward z", got[1], want[1], tol=tol)
             g, gate = torch.randn(B, M, C, device=DEVICE, dtype=dtype), torch.randn(B, M, C, device=DEVICE, dtype=dtype)

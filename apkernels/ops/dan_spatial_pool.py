@@ -9,22 +9,27 @@ OP = "dan_spatial_pool"
 
 def _fake(x, z):
     _checks.dan_spatial_pool(x, z)
-    return x.new_empty(x.shape[0], z.shape[1], x.shape[1])
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B, C, H, W = x.shape
+    return x.new_empty(B, z.shape[1], C), x.new_empty(B, z.shape[1], H * W, dtype=acc)
 
 
-def _fake_backward(grad_g, x, z):
+def _fake_backward(grad_g, x, z, s):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         z, memory_format=torch.contiguous_format
     )
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    # s (the attention maps) is an output so that the backward reads it instead of recomputing it
+    # from z; it carries no gradient of its own.
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, output[1])
 
 
-def _backward(ctx, dan_spatial_pool_backward, grad_g):
-    x, z = ctx.saved_tensors
-    grad_x, grad_z = dan_spatial_pool_backward(grad_g, x, z)
+def _backward(ctx, dan_spatial_pool_backward, grad_g, grad_s):
+    x, z, s = ctx.saved_tensors
+    grad_x, grad_z = dan_spatial_pool_backward(grad_g, x, z, s)
     return grad_x, grad_z
 
 
@@ -43,4 +48,5 @@ def dan_spatial_pool(x, z, *, backend="auto"):
         g [B, M, C]: g[b, m, c] = mean over positions p of x[b, c, p] * sum_c2 relu(z[b, m, c2, p]).
     """
     _checks.dan_spatial_pool(x, z)
-    return call(OP, backend, x, x, z)
+    g, _ = call(OP, backend, x, x, z)
+    return g

@@ -53,6 +53,19 @@ inline void check_spatial_pool_grad(const char* op, const at::Tensor& grad_g, co
   check_same_dtype_device(op, "grad_g", grad_g, "x", x);
 }
 
+// The attention maps s [B, M, H*W] that dan_spatial_pool returns and its backward reads: contiguous,
+// in the accumulation dtype (float64 for float64 x, else float32).
+inline void check_saved_attention(const char* op, const at::Tensor& s, const at::Tensor& x, const PoolDims& d) {
+  TORCH_CHECK_VALUE(s.dim() == 3 && s.size(0) == d.B && s.size(1) == d.M && s.size(2) == d.P, op,
+                    ": s must have shape [", d.B, ", ", d.M, ", ", d.P, "] (B, heads, H*W), got ", s.sizes());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(s.scalar_type() == acc, op, ": s must be ", acc, " (the accumulation dtype of ", x.scalar_type(),
+                    "), got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == x.device(), op, ": s must be on the same device as x (", x.device(), "), got ",
+                    s.device());
+  TORCH_CHECK_VALUE(s.is_contiguous(), op, ": s must be contiguous (the forward returns it so)");
+}
+
 // g [B, M, C] and gate_logits of the same shape.
 inline void check_head_fusion(const char* op, const at::Tensor& g, const at::Tensor& gate_logits,
                               c10::DeviceType device) {

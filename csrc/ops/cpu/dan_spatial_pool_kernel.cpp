@@ -4,7 +4,8 @@
 // i.e. G = X (C x P) @ S^T (P x M) / P: the [B, M, C, H, W] product x * s of the official code never
 // exists. Backward, with t[m, p] = sum_c dg[m, c] x[c, p] / P:
 //   dx[c, p] = sum_m dg[m, c] s[m, p] / P,   dz[m, c2, p] = 1[z > 0] t[m, p].
-// One task per image (at::parallel_for over B); every sum runs in a fixed order with fp32 (fp64 for
+// The forward returns s [B, M, P] (accumulation dtype) with g; the backward reads it instead of
+// recomputing it from z. One task per image (at::parallel_for over B); every sum runs in a fixed order with fp32 (fp64 for
 // fp64) accumulators, so results are deterministic and independent of the thread count.
 // Strides: any. A [H, W] plane whose W stride is 1 and H stride is W (all contiguous tensors) is read
 // as one flat vectorisable row; other planes (channels_last, transposed views) are read through their
@@ -138,7 +139,7 @@ APK_INLINE const acc_t* x_row(const Inputs<scalar_t>& in, int64_t b, int64_t c, 
   return buf;
 }
 
-// g[b] [M, C] of one image. Scratch: s [M * P], row [P].
+// g[b] [M, C] and s[b] [M, P] of one image. Scratch: row [P].
 template <typename scalar_t, typename acc_t>
 APK_SIMD_CLONES void pool_image(const Inputs<scalar_t>& in, int64_t b, const Dims& d, acc_t* s, acc_t* row,
                                 scalar_t* g) {
@@ -158,13 +159,12 @@ APK_SIMD_CLONES void pool_image(const Inputs<scalar_t>& in, int64_t b, const Dim
   }
 }
 
-// dx[b] [C, P] and dz[b] [M, C2, P] of one image; dg points at grad_g[b] (strides dg_sm, dg_sc).
-// Scratch: s, t [M * P], row, dx_row [P], w [M].
+// dx[b] [C, P] and dz[b] [M, C2, P] of one image; dg points at grad_g[b] (strides dg_sm, dg_sc), s at
+// the forward's saved attention maps s[b] [M, P]. Scratch: t [M * P], row, dx_row [P], w [M].
 template <typename scalar_t, typename acc_t>
 APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, const Dims& d, const scalar_t* dg,
-                                         int64_t dg_sm, int64_t dg_sc, acc_t* s, acc_t* t, acc_t* row,
+                                         int64_t dg_sm, int64_t dg_sc, const acc_t* s, acc_t* t, acc_t* row,
                                          acc_t* dx_row, acc_t* w, scalar_t* dx, scalar_t* dz) {
-  spatial_attention(in, b, d, s);
   for (int64_t i = 0; i < d.M * d.P; ++i) t[i] = acc_t(0);
   // One pass over x: t[m, :] += dg[m, c] x[c, :] and dx[c, :] = sum_m dg[m, c] s[m, :] / P.
   for (int64_t c = 0; c < d.C; ++c) {
@@ -196,39 +196,43 @@ APK_SIMD_CLONES void pool_backward_image(const Inputs<scalar_t>& in, int64_t b, 
   }
 }
 
-at::Tensor dan_spatial_pool_cpu(const at::Tensor& x, const at::Tensor& z) {
+std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_cpu(const at::Tensor& x, const at::Tensor& z) {
   const Dims d = dan::check_spatial_pool("dan_spatial_pool", x, z, c10::DeviceType::CPU);
   at::Tensor g = at::empty({d.B, d.M, d.C}, x.options());
+  at::Tensor s = at::empty({d.B, d.M, d.P}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t> in = inputs_of<scalar_t>(x, z, d);
     scalar_t* out = g.data_ptr<scalar_t>();
+    acc_t* maps = s.data_ptr<acc_t>();
     at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s(d.M * d.P), row(d.P);
-      for (int64_t b = begin; b < end; ++b) pool_image(in, b, d, s.data(), row.data(), out);
+      std::vector<acc_t> row(d.P);
+      for (int64_t b = begin; b < end; ++b) pool_image(in, b, d, maps + b * d.M * d.P, row.data(), out);
     });
   });
-  return g;
+  return {g, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> dan_spatial_pool_backward_cpu(const at::Tensor& grad_g, const at::Tensor& x,
-                                                                 const at::Tensor& z) {
+                                                                 const at::Tensor& z, const at::Tensor& s) {
   const char* op = "dan_spatial_pool_backward";
   const Dims d = dan::check_spatial_pool(op, x, z, c10::DeviceType::CPU);
   dan::check_spatial_pool_grad(op, grad_g, x, d);
+  dan::check_saved_attention(op, s, x, d);
   at::Tensor grad_x = at::empty({d.B, d.C, d.H, d.W}, x.options());
   at::Tensor grad_z = at::empty({d.B, d.M, d.C2, d.H, d.W}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dan_spatial_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t> in = inputs_of<scalar_t>(x, z, d);
     const scalar_t* gp = grad_g.const_data_ptr<scalar_t>();
+    const acc_t* maps = s.const_data_ptr<acc_t>();
     scalar_t* dxp = grad_x.data_ptr<scalar_t>();
     scalar_t* dzp = grad_z.data_ptr<scalar_t>();
     at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s(d.M * d.P), t(d.M * d.P), row(d.P), dx_row(d.P), w(d.M);
+      std::vector<acc_t> t(d.M * d.P), row(d.P), dx_row(d.P), w(d.M);
       for (int64_t b = begin; b < end; ++b)
-        pool_backward_image(in, b, d, gp + b * grad_g.stride(0), grad_g.stride(1), grad_g.stride(2), s.data(),
-                            t.data(), row.data(), dx_row.data(), w.data(), dxp, dzp);
+        pool_backward_image(in, b, d, gp + b * grad_g.stride(0), grad_g.stride(1), grad_g.stride(2),
+                            maps + b * d.M * d.P, t.data(), row.data(), dx_row.data(), w.data(), dxp, dzp);
     });
   });
   return {grad_x, grad_z};
