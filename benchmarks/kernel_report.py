@@ -217,7 +217,11 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
             plans += _pool_backward_plan(dtype, B, common.APVIT_KEEP, N, C, reduce_batch=True)
     elif op == "token_pool":
         N, C = shapes["N"], shapes["C"]
-        plans.append(Launch(rf"token_pool_kernel<{t}, {t}(, \(apkernels::ScoreKind\)1(, true)?)?>", (B,), 512, 8 * (N - 1)))
+        # A persistent grid of up to 2 CTAs per SM; q's CLS row (heads x head_dim fp32, 16-byte
+        # rounded) before the keys in dynamic shared memory. (Older sources: grid B, keys only.)
+        q_row = -(-shapes["heads"] * shapes["head_dim"] * 4 // 16) * 16
+        plans.append(Launch(rf"token_pool_kernel<{t}, {t}(, \(apkernels::ScoreKind\)1(, true)?)?>", (min(B, 2 * SMS),),
+                            512, q_row + 8 * (N - 1)))
         if pass_ == "fwd+bwd":
             plans += _pool_backward_plan(dtype, B, common.APVIT_TOKEN_KEEP + 1, N, C, reduce_batch=False)
     elif op == "dan_spatial_pool":
@@ -719,7 +723,7 @@ def op_shapes(op: str, batch: int) -> dict:
     if op == "patch_pool":
         return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS)
     if op == "token_pool":
-        return dict(batch=batch, N=c.APVIT_TOKENS, C=c.APVIT_CHANNELS)
+        return dict(batch=batch, N=c.APVIT_TOKENS, C=c.APVIT_CHANNELS, heads=c.APVIT_HEADS, head_dim=c.APVIT_HEAD_DIM)
     if op == "dan_spatial_pool":
         return dict(batch=batch, M=c.DAN_HEADS, C=c.DAN_CHANNELS, C2=c.DAN_CHANNELS, P=c.DAN_GRID * c.DAN_GRID)
     return dict(batch=batch, M=c.DAN_HEADS, C=c.DAN_CHANNELS)
