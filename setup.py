@@ -195,7 +195,7 @@ def extension():
 # APKERNELS_EMULATION_COVERAGE=1 adds gcov instrumentation (docs/cuda-kernels.md, coverage).
 EMULATION_MUTANTS = {
     # name: (source, text, mutated text) -- compiled as ops apkernels::<op>_cuda_mutant_<name>
-    "off_by_one": ("csrc/ops/cuda/pool_backward_kernel.cu", "if (e >= N * units) return;", "if (e > N * units) return;"),
+    "off_by_one": ("csrc/ops/cuda/pool_backward_kernel.cu", "const bool active = u < a.units;", "const bool active = u <= a.units;"),
     # patch_pool's cluster kernel with one buffer of partial scores instead of two: a block writes the
     # next image's partials while the others may still read the previous image's (a DSMEM race).
     "single_buffer": ("csrc/ops/cuda/patch_pool_kernel.cu", "float* my_part = part + (iteration & 1) * n;",

@@ -202,6 +202,8 @@ def _elementwise_blocks(n: int) -> int:
 def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
     """The launches of one call of the CUDA op (and its backward), as the host code in
     csrc/ops/cuda decides them for contiguous paper-shaped inputs: [Launch]."""
+    from benchmarks import specs as common
+
     t = re.escape(CUDA_TYPES[dtype])
     B = shapes["batch"]
     plans = []
@@ -222,12 +224,16 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         plans.append(Launch(rf"patch_pool_cluster_kernel<{t}, \(apkernels::ScoreKind\)0>", (clusters * blocks,), 512,
                             smem))
         if pass_ == "fwd+bwd":
-            plans += _pool_backward_plan(dtype, B, N, C, reduce_batch=True)
+            plans += _pool_backward_plan(dtype, B, common.APVIT_KEEP, N, C, reduce_batch=True)
     elif op == "token_pool":
         N, C = shapes["N"], shapes["C"]
-        plans.append(Launch(rf"token_pool_kernel<{t}, {t}(, \(apkernels::ScoreKind\)1(, true)?)?>", (B,), 512, 8 * (N - 1)))
+        # A persistent grid of up to 2 CTAs per SM; q's CLS row (heads x head_dim fp32, 16-byte
+        # rounded) before the keys in dynamic shared memory. (Older sources: grid B, keys only.)
+        q_row = -(-shapes["heads"] * shapes["head_dim"] * 4 // 16) * 16
+        plans.append(Launch(rf"token_pool_kernel<{t}, {t}(, \(apkernels::ScoreKind\)1(, true)?)?>", (min(B, 2 * SMS),),
+                            512, q_row + 8 * (N - 1)))
         if pass_ == "fwd+bwd":
-            plans += _pool_backward_plan(dtype, B, N, C, reduce_batch=False)
+            plans += _pool_backward_plan(dtype, B, common.APVIT_TOKEN_KEEP + 1, N, C, reduce_batch=False)
     elif op == "dan_spatial_pool":
         M, C, C2, P = shapes["M"], shapes["C"], shapes["C2"], shapes["P"]
         # One 512-thread CTA per image, a persistent grid (at most 4 resident per SM); dynamic shared
@@ -250,11 +256,59 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
     return plans
 
 
-def _pool_backward_plan(dtype, B, N, C, reduce_batch):
+def _pool_backward_grid(dtype, B, K, N, C, reduce_batch):
+    """(channels per unit, tiles, batch chunks) of pool_backward_kernel, as the host code decides
+    them for a contiguous grad (csrc/ops/cuda/pool_backward_kernel.cu: kUnitChannels, batch_chunks)."""
+    element_bytes = {"fp32": 4, "bf16": 2}[dtype]
+    width = 4 if element_bytes == 4 else 2
+    width = width if C % width == 0 else 1
+    tiles = math.ceil(N * (C // width) / 256)
+    target = 2 * 132 * 4 * (1 if reduce_batch else 4)
+    chunks = min(B, 65535, max(1, math.ceil(target / tiles)))
+    if reduce_batch:  # the workspace stays within 1/20 of the backward's minimal bytes
+        chunks = max(1, min(chunks, B * (K + N) * element_bytes // (20 * 8 * N)))
+    return width, tiles, math.ceil(B / math.ceil(B / chunks))
+
+
+def _pool_backward_plan(dtype, B, K, N, C, reduce_batch):
+    """The inverse index (one CTA per image, in shared memory up to 12288 rows), then the fused
+    scatter + batch sum over (tiles of 256 units) x (batch chunks)."""
     t = re.escape(CUDA_TYPES[dtype])
-    units = N * (C // PACK[dtype] if C % PACK[dtype] == 0 else C)
-    grid = (math.ceil(units / 256),) if reduce_batch else (math.ceil(units / 256), min(B, 65535))
-    return [Launch(r"inverse_index_kernel", (B,), 256), Launch(rf"scatter_rows_kernel<{t}>", grid, 256)]
+    width, tiles, chunks = _pool_backward_grid(dtype, B, K, N, C, reduce_batch)
+    return [Launch(r"inverse_index_kernel", (B,), 256, 4 * N if N <= 12288 else 0),
+            Launch(rf"pool_backward_kernel<{t}, {width}, {str(reduce_batch).lower()}>", (tiles, chunks), 256)]
+
+
+def _triton_pool_backward_grid(dtype, B, K, N, C, reduce_batch):
+    """(tiles, batch chunks) of the Triton _pool_backward_kernel on a GPU (the launcher in
+    apkernels/triton_kernels/pool_backward.py: one row x 128 fp32 / 64 bf16 channels per program)."""
+    element_bytes = {"fp32": 4, "bf16": 2}[dtype]
+    tiles = N * math.ceil(C / (128 if element_bytes == 4 else 64))
+    chunks = min(B, 65535, max(1, math.ceil(2 * 132 * 32 / tiles)))
+    if reduce_batch:
+        chunks = max(1, min(chunks, B * (K + N) * element_bytes // (20 * 8 * N)))
+    return tiles, math.ceil(B / math.ceil(B / chunks))
+
+
+def _batch_sum_workspace_bytes(op: str, pass_: str, dtype: str, batch: int, backend: str = "cuda") -> int:
+    """Global bytes of pool_backward's batch-sum workspace (patch_pool's backward), which are not
+    per image: the chunk count stops growing with B (8 / 4 chunks fp32 / bf16 at B = 256). fp32
+    partial sums [chunks, N, C] written and read once, the tile counters zeroed (4 B each) and
+    counted by one atomic add per CTA / program (4 B read + 4 B written). 0 with a single chunk
+    (every batch up to 3 at the paper shapes, where the bytes are measured)."""
+    if op != "patch_pool" or pass_ != "fwd+bwd":
+        return 0
+    from benchmarks import specs as common
+
+    shapes = op_shapes(op, batch)
+    N, C = shapes["N"], shapes["C"]
+    if backend == "cuda":
+        _, tiles, chunks = _pool_backward_grid(dtype, batch, common.APVIT_KEEP, N, C, True)
+    else:
+        tiles, chunks = _triton_pool_backward_grid(dtype, batch, common.APVIT_KEEP, N, C, True)
+    if chunks == 1:
+        return 0
+    return 2 * chunks * N * C * 4 + tiles * 4 + tiles * chunks * 8
 
 
 # ---------------------------------------------------------------------------------- measured op calls
@@ -268,7 +322,9 @@ def _pool_backward_plan(dtype, B, N, C, reduce_batch):
 # channel_reduce and the DAN programs: per (image, head[, tile])), has a batch dimension
 # (scatter_rows), loops over the batch (the position gradient) or is a grid-stride loop over B x
 # per-image elements, so a call's bytes are fixed + per_image * B (fixed: the position gradient
-# written once). The three batches are checked to be affine in B, launches and host ops equal.
+# written once), except pool_backward's batch-sum workspace, whose chunk count stops growing with B:
+# modelled by _batch_sum_workspace_bytes, taken out before the affine check and put back after it.
+# The three batches are checked to be affine in B, launches and host ops equal.
 # Affine up to AFFINE_TOLERANCE (relative, per-image bytes): a few loads depend on the data (DAN's
 # grad_z reads t only where z > 0), so the per-image bytes of random inputs vary by a few bytes.
 MEASURED_BATCHES = (1, 2, 3)
@@ -349,6 +405,10 @@ def measured_counters(measure, how: str, op: str, pass_: str, dtype: str, batch:
     measured = [measure(op, pass_, dtype, b) for b in MEASURED_BATCHES]
     if measured[0] is None:
         return None
+    # pool_backward's batch-sum workspace is modelled, not extrapolated: out before, back after.
+    backend = "triton" if how == "interpreted" else "cuda"
+    measured = [dataclasses.replace(m, global_bytes=m.global_bytes - _batch_sum_workspace_bytes(op, pass_, dtype, b, backend))
+                for b, m in zip(MEASURED_BATCHES, measured)]
     same = {(m.launches, m.backward_launches, m.host_aten_ops) for m in measured}
     steps = [(m1.global_bytes - m0.global_bytes) / (b1 - b0)
              for (b0, m0), (b1, m1) in zip(zip(MEASURED_BATCHES, measured), zip(MEASURED_BATCHES[1:], measured[1:]))]
@@ -357,6 +417,7 @@ def measured_counters(measure, how: str, op: str, pass_: str, dtype: str, batch:
                            f"batch: cannot extrapolate to B={batch}")
     per_image = (measured[-1].global_bytes - measured[0].global_bytes) / (MEASURED_BATCHES[-1] - MEASURED_BATCHES[0])
     global_bytes = round(measured[0].global_bytes + (batch - MEASURED_BATCHES[0]) * per_image)
+    global_bytes += _batch_sum_workspace_bytes(op, pass_, dtype, batch, backend)
     batches = ",".join(map(str, MEASURED_BATCHES))
     return _counters(measured[0], global_bytes, f"{how} at B={batches}, extrapolated (affine in B)")
 
@@ -556,6 +617,11 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
     JITFunction.run = record
     if saved[1] is not None:
         _common.check_launch = lambda *a, **k: None  # CPU tensors stand in for CUDA ones
+    # pool_backward checks the index range on what its first kernel wrote: nothing runs here.
+    from apkernels.triton_kernels import pool_backward as triton_pool_backward
+    saved_range_check = getattr(triton_pool_backward, "check_index_range", None)
+    if saved_range_check is not None:
+        triton_pool_backward.check_index_range = lambda *a, **k: None
     try:
         with torch.no_grad():
             _run_op(op, pass_, dtype, batch, "_triton", call=call)
@@ -564,6 +630,8 @@ def triton_launches(op: str, pass_: str, dtype: str, batch: int) -> list:
         JITFunction.run = saved[0]
         if saved[1] is not None:
             _common.check_launch = saved[1]
+        if saved_range_check is not None:
+            triton_pool_backward.check_index_range = saved_range_check
     return recorded
 
 
@@ -665,7 +733,7 @@ def op_shapes(op: str, batch: int) -> dict:
     if op == "patch_pool":
         return dict(batch=batch, N=c.APVIT_GRID * c.APVIT_GRID, C=c.APVIT_CHANNELS, keep=c.APVIT_KEEP)
     if op == "token_pool":
-        return dict(batch=batch, N=c.APVIT_TOKENS, C=c.APVIT_CHANNELS)
+        return dict(batch=batch, N=c.APVIT_TOKENS, C=c.APVIT_CHANNELS, heads=c.APVIT_HEADS, head_dim=c.APVIT_HEAD_DIM)
     if op == "dan_spatial_pool":
         return dict(batch=batch, M=c.DAN_HEADS, C=c.DAN_CHANNELS, C2=c.DAN_CHANNELS, P=c.DAN_GRID * c.DAN_GRID)
     return dict(batch=batch, M=c.DAN_HEADS, C=c.DAN_CHANNELS)

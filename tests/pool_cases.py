@@ -111,6 +111,10 @@ TOKEN_CASES = [
     TokenCase("keep_all", 2, 9, 6, 3, 4, 8),
     TokenCase("odd_sizes", 3, 23, 13, 3, 17, 10),
     TokenCase("contiguous_qk", 2, 12, 9, 2, 7, 5, qkv_view=False),
+    # More images than the emulated GPU's persistent CTAs (2 per SM x 4 SMs), 5 heads (a partial
+    # chunk of the CUDA kernel's 4), head rows of 64 / 32 packs (two per lane in fp32), rows of 1040
+    # channels (16-byte copies in whole steps of 4 packs per lane plus a remainder).
+    TokenCase("wide_rows_many_images", 9, 21, 1040, 5, 256, 7),
 ]
 
 

@@ -219,7 +219,7 @@ def test_token_pool_keys_in_global_memory():
     emu.set_shared_memory_limit(64)
     _emulation.reset_counters()
     tokens, index = apkernels.token_pool(x, q, k, 5, scale=0.3, backend="cuda")
-    assert _emulation.counters()[0]["dynamic_shared_bytes"] == 0
+    assert _emulation.counters()[0]["dynamic_shared_bytes"] == 2 * 4 * 4  # q's CLS row only (fp32)
     ref_tokens, ref_index = reference.token_pool(x, q, k, 5, 0.3, "sum")
     assert torch.equal(index, ref_index)
     torch.testing.assert_close(tokens, ref_tokens)
@@ -409,7 +409,7 @@ def test_wrong_shuffle_source_lane_gives_a_wrong_result():
     assert (mutated - expected).abs().max() > 1e-3
 
 
-def test_off_by_one_bound_is_an_out_of_bounds_access():
+def test_off_by_one_bound_is_reported():
     assert hasattr(ops, "pool_backward_cuda_mutant_off_by_one") and _emulation._library.has_kernel(
         "pool_backward_cuda_mutant_off_by_one", "CPU"
     ), "the off_by_one mutant was not built: update setup.py EMULATION_MUTANTS with the kernel"
@@ -417,8 +417,10 @@ def test_off_by_one_bound_is_an_out_of_bounds_access():
     index = torch.tensor([[0, 2, 4], [1, 2, 3]])
     rows, total = ops.pool_backward_cuda_emulated(grad, index, 5, True)  # the real kernel: clean
     torch.testing.assert_close(rows, reference.pool_backward(grad, index, 5, True)[0])
-    with pytest.raises(RuntimeError, match="out-of-bounds global memory (read|write) in kernel scatter_rows_kernel"
-                       + r".*block \(0,0,0\), thread \(25,0,0\): \d+ bytes at address 0x"):
+    # Thread 25 (u == units) runs: its row (5) is past the tile's staged slots, which the emulator
+    # reports as a read of shared memory the block never wrote, before any global access.
+    with pytest.raises(RuntimeError, match="read of uninitialised shared memory in kernel pool_backward_kernel"
+                       + r".*block \(0,0,0\), thread \(25,0,0\): address 0x"):
         ops.pool_backward_cuda_mutant_off_by_one(grad, index, 5, True)
 
 
@@ -469,10 +471,11 @@ def test_counters_measure_global_traffic():
     _emulation.reset_counters()
     ops.pool_backward_cuda_emulated(grad, index, 6, False)
     inverse, scatter = _emulation.counters()
-    assert inverse["kernel"] == "inverse_index_kernel" and scatter["kernel"].startswith("scatter_rows_kernel")
-    # inverse_index: writes inv [2, 6] int32 (-1, then the atomicMax of 3 rows each), reads index.
-    assert inverse["global_write_distinct_bytes"] == 2 * 6 * 4
-    assert inverse["global_read_distinct_bytes"] == index.numel() * 8 + 2 * 3 * 4  # index + atomics' reads
+    assert inverse["kernel"] == "inverse_index_kernel" and scatter["kernel"].startswith("pool_backward_kernel")
+    # inverse_index: reads index once, writes inv [2, 6] int32 (built in shared memory) and each
+    # image's index min/max (2 x int64).
+    assert inverse["global_write_distinct_bytes"] == inverse["global_write_bytes"] == 2 * 6 * 4 + 2 * 2 * 8
+    assert inverse["global_read_distinct_bytes"] == inverse["global_read_bytes"] == index.numel() * 8
     # scatter: writes every row once, reads every gradient row once (and inv).
     assert scatter["global_write_distinct_bytes"] == scatter["global_write_bytes"] == 2 * 6 * 8 * 4
     assert scatter["global_read_distinct_bytes"] == grad.numel() * 4 + 2 * 6 * 4

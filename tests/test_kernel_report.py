@@ -53,7 +53,8 @@ def test_cuda_plans_name_one_launch_per_forward_kernel():
     # channel slice of x and of pos (96 channels x 197 / 196 positions, fp32) + keys and partials.
     assert len(fwd) == 1 and fwd[0].grid == (128,) and fwd[0].threads == 512
     assert fwd[0].dynamic_shared_bytes == 155328
-    assert len(both) == 3 and both[2].grid == (147,)  # 196 rows x 768 channels / 4 per pack / 256
+    # pool_backward: 196 rows x 768 channels / 4 per unit / 256 = 147 tiles x 8 batch chunks
+    assert len(both) == 3 and both[1].grid == (256,) and both[2].grid == (147, 8)
 
 
 def test_minimal_bytes_of_patch_pool():
@@ -213,6 +214,17 @@ def _emulation_built() -> bool:
 needs_emulation = pytest.mark.skipif(not _emulation_built(), reason="the CUDA emulation build (_C_emulated) is absent")
 
 
+def _never_needed_bytes(op, batch):
+    """Bytes the minimal model counts that no kernel needs to touch (fp32): token_pool's gather
+    reads only CLS and the kept rows of x, and its scores never use k's CLS row."""
+    if op != "token_pool":
+        return 0
+    from benchmarks import specs
+
+    dropped_rows = specs.APVIT_TOKENS - specs.APVIT_TOKEN_KEEP - 1
+    return 4 * batch * (dropped_rows * specs.APVIT_CHANNELS + specs.APVIT_HEADS * specs.APVIT_HEAD_DIM)
+
+
 @needs_emulation
 @pytest.mark.parametrize("op", report.OPS)
 def test_emulated_global_bytes_cover_the_minimal_bytes(op):
@@ -224,7 +236,8 @@ def test_emulated_global_bytes_cover_the_minimal_bytes(op):
             row = report.make_row(op, "cuda", pass_, "fp32", batch, [],
                                   counters=report.emulated_counters(op, pass_, "fp32", batch))
             ratio = report.traffic_ratio(row)
-            assert ratio is not None and 1.0 <= ratio < 10.0, (op, pass_, batch, row)
+            assert ratio is not None and ratio < 10.0, (op, pass_, batch, row)
+            assert row["global_bytes"] >= row["minimal_bytes"] - _never_needed_bytes(op, batch), (op, pass_, batch, row)
             planned = report._planned_launches(op, pass_, "fp32", batch)
             assert (row["launches"], row["backward_launches"]) == (planned["launches"], planned["backward_launches"])
             assert isinstance(row["host_aten_ops"], list)  # recorded with the profiler, equal at B=1,2,3

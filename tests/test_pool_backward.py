@@ -216,3 +216,55 @@ def test_native_repeated_rows_round_once(device, backend, dtype):
         rows, total = op_for("pool_backward", backend, device)(grad, index, num_rows, True)
         assert torch.equal(rows.cpu(), expected)
         assert_close(total.cpu(), expected.double().sum(0).to(dtype), dtype)
+
+
+# --- the fused CUDA / Triton kernels: batch chunks of the position-embedding gradient -------------
+# They split the batch into chunks whose fp32 partial sums the last CTA (program) of a tile adds in
+# chunk order. APKERNELS_POOL_BACKWARD_TARGET_CTAS (the CTAs / programs aimed at) puts several images
+# in a chunk at these small shapes: B = 17 with 4 chunks is 5 + 5 + 5 + 2 images.
+FUSED = [p for p in BACKENDS if p.values[1] in ("cuda", "triton")] or [
+    pytest.param("cpu", None, marks=pytest.mark.skip(reason="no CUDA or Triton pool_backward here"))
+]
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("batch,target_ctas", [(1, 4), (3, 2), (17, 4), (33, 5)])
+def test_batch_chunks_exact_and_deterministic(device, backend, batch, target_ctas, monkeypatch):
+    monkeypatch.setenv("APKERNELS_POOL_BACKWARD_TARGET_CTAS", str(target_ctas))
+    op = op_for("pool_backward", backend, device)
+    g = torch.Generator().manual_seed(batch)
+    # (num_rows, C): one tile of 4-channel units; CUDA tiles (256 units) splitting rows (C = 28:
+    # 7 units per row, 280 units); scalar units (C = 13).
+    for num_rows, C in [(9, 12), (40, 28), (23, 13)]:
+        K = 6
+        index = torch.randint(0, num_rows, (batch, K), generator=g)
+        index[0, 1:3] = index[0, 0]  # a row hit three times
+        index = index.to(device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            grad = small_ints(batch, K, C, dtype=dtype, device=device, generator=g)
+            rows, total = op(grad, index, num_rows, True)
+            expected = scatter_add_by_hand(grad, index.cpu(), num_rows)  # small integers: exact sums
+            assert torch.equal(rows.cpu(), expected.to(dtype)), (num_rows, C, dtype)
+            assert torch.equal(total.cpu(), expected.sum(0).to(dtype)), (num_rows, C, dtype)
+            rows_only, empty = op(grad, index, num_rows, False)
+            assert torch.equal(rows_only, rows) and empty.numel() == 0
+        noisy = torch.randn(batch, K, C, generator=g).to(device)  # rounding order visible: run twice
+        first = op(noisy, index, num_rows, True)
+        again = op(noisy, index, num_rows, True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        assert_close(first[1], reference.pool_backward(noisy, index, num_rows, True)[1], torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_batch_chunks_non_contiguous_grad(device, backend, monkeypatch):
+    monkeypatch.setenv("APKERNELS_POOL_BACKWARD_TARGET_CTAS", "3")
+    op = op_for("pool_backward", backend, device)
+    g = torch.Generator().manual_seed(7)
+    B, K, C, num_rows = 7, 5, 8, 9
+    index = unique_index(B, K, num_rows, g, device, ascending=False)
+    for grad in (torch.randn(B, C, K, generator=g).to(device).transpose(1, 2),
+                 torch.randn(B, 2 * K, C + 4, generator=g).to(device)[:, ::2, 1:-3]):
+        rows, total = op(grad, index, num_rows, True)
+        ref_rows, ref_total = reference.pool_backward(grad, index, num_rows, True)
+        assert torch.equal(rows, ref_rows)
+        assert_close(total, ref_total, torch.float32)

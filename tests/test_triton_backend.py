@@ -63,6 +63,16 @@ def test_patch_pool_scores_ties_dtypes(score, dtype):
     check_patch_pool(x, 7, pos, score)
 
 
+def patch_pool_input(shape, layout):
+    """Small-integer x of `shape` [B, C, H, W]: contiguous, channels_last, or "sliced" (a strided
+    view with every stride non-trivial)."""
+    B, C, H, W = shape
+    if layout == "sliced":
+        return small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
+    x = small_ints(*shape, device=DEVICE)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
 @pytest.mark.parametrize(
     "shape,keep,layout",
     [
@@ -75,12 +85,7 @@ def test_patch_pool_scores_ties_dtypes(score, dtype):
 )
 def test_patch_pool_shapes_and_layouts(shape, keep, layout):
     B, C, H, W = shape
-    if layout == "sliced":
-        x = small_ints(B, 2 * C, H, 2 * W + 1, device=DEVICE)[:, ::2, :, 1::2]
-    else:
-        x = small_ints(*shape, device=DEVICE)
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
+    x = patch_pool_input(shape, layout)
     pos = torch.randn(1, H * W, C, device=DEVICE)
     check_patch_pool(x, keep, pos if keep > 1 else None, "sum_abs")
 
@@ -110,6 +115,35 @@ def test_patch_pool_gradients(dtype):
     rx, rp = torch.autograd.grad(ref_tokens, (x, pos), grad)
     assert torch.equal(gx, rx)  # a scatter: exact
     assert_close(gp, rp, dtype)  # a batch sum
+
+
+@pytest.mark.parametrize(
+    "shape,keep,layout",
+    [
+        ((2, 5, 7, 9), 20, "contiguous"),  # N = 63: four tiles of 16, the last one partial
+        ((1, 3, 6, 6), 1, "contiguous"),  # B = 1, keep = 1
+        ((2, 4, 5, 7), 35, "channels_last"),  # keep = N
+        ((2, 6, 4, 5), 9, "sliced"),  # every stride non-trivial
+    ],
+)
+def test_patch_pool_tiled_selection(monkeypatch, shape, keep, layout):
+    """Maps beyond ROW_POSITIONS take the tiled kernel (keys in a workspace, radix select): forced
+    here at small sizes with 16-position tiles; integer values tie everywhere, plus NaN / inf /
+    signed zeros, so every score must pick exactly the reference's positions."""
+    from apkernels.triton_kernels import patch_pool as triton_patch_pool
+
+    monkeypatch.setattr(triton_patch_pool, "ROW_POSITIONS", 1)
+    monkeypatch.setattr(triton_patch_pool, "TILE_POSITIONS", 16)
+    B, C, H, W = shape
+    x = patch_pool_input(shape, layout)
+    if layout == "contiguous" and keep > 1:
+        x[0, :, 0, 1] = -0.0
+        x[0, 1, 1, 2] = float("nan")
+        x[-1, 0, 2, 0] = float("inf")
+        x[-1, 2, 0, 3] = float("-inf")
+    pos = torch.randn(1, H * W, C, device=DEVICE)
+    for score in reference.PATCH_SCORES:
+        check_patch_pool(x, keep, pos, score)
 
 
 def test_patch_pool_rejects_float64_and_cpu_without_interpreter(monkeypatch):
@@ -154,6 +188,27 @@ def test_token_pool_shapes(B, N, heads, head_dim, keep):
     q, k = qkv_views(B, N, heads, head_dim, torch.float32)
     x = torch.randn(B, N, 2 * heads * head_dim + 1, device=DEVICE)[:, :, 1::2]  # strided x
     check_token_pool(x, q, k, keep, head_dim**-0.5, "sum")
+
+
+@pytest.mark.parametrize(
+    "B,N,heads,head_dim,keep",
+    [(2, 40, 3, 5, 17), (1, 24, 2, 3, 1), (2, 19, 1, 4, 18)],  # 39 tokens in 3 tiles; keep = 1; keep = N - 1
+)
+def test_token_pool_tiled_selection(monkeypatch, B, N, heads, head_dim, keep):
+    """More than ROW_TOKENS patch tokens take the tiled kernel (keys in a workspace, radix select):
+    forced here with 16-token tiles; integer q/k tie everywhere, so every score must pick exactly
+    the reference's tokens."""
+    from apkernels.triton_kernels import token_pool as triton_token_pool
+
+    monkeypatch.setattr(triton_token_pool, "ROW_TOKENS", 1)
+    monkeypatch.setattr(triton_token_pool, "TILE_TOKENS", 16)
+    q, k = qkv_views(B, N, heads, head_dim, torch.float32)
+    k = k.clone()
+    k[0, 0, 3, 0] = float("nan")
+    k[-1, -1, 5, :] = float("inf")
+    x = torch.randn(B, N, 2 * heads * head_dim + 1, device=DEVICE)[:, :, 1::2]  # strided x
+    for score in reference.TOKEN_SCORES:
+        check_token_pool(x, q, k, keep, 0.5, score)
 
 
 def test_token_pool_x_dtype_differs_from_qk_and_contiguous_qk():
@@ -357,8 +412,18 @@ def compile_every_kernel_for_sm90():
           dict(SCORE=3, HAS_POS=True, N_PAD=256, BLOCK_C=16))
     build(token_pool._token_pool_kernel, dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64"),
           dict(SCORE=2, N_PAD=256, BLOCK_D=16, BLOCK_C=16), floats=("scale",))
-    build(pool_backward._scatter_add_rows_kernel, dict(grad_ptr=bf16, index_ptr="i64", rows_ptr="fp32"), dict(BLOCK_C=256))
-    build(pool_backward._batch_sum_kernel, dict(rows_ptr=bf16, sum_ptr=bf16), dict(ACC=acc, BLOCK=1024))
+    build(pool_backward._inverse_index_kernel, dict(index_ptr="i64", inv_ptr="i32", minmax_ptr="i64", counters_ptr="i32"),
+          dict(BLOCK_R=32, BLOCK_K=32))
+    build(pool_backward._pool_backward_kernel,
+          dict(grad_ptr=bf16, index_ptr="i64", inv_ptr="i32", rows_ptr=bf16, sum_ptr=bf16, partial_ptr="fp32",
+               counters_ptr="i32"),
+          dict(REDUCE=True, WORKSPACE=True, ACC=acc, BLOCK_R=1, BLOCK_C=64), num_warps=1)
+    build(patch_pool._patch_pool_tiled_kernel,
+          dict(x_ptr=bf16, pos_ptr=bf16, out_ptr=bf16, index_ptr="i64", keys_ptr="i64"),
+          dict(SCORE=3, HAS_POS=True, BLOCK_P=1024, BLOCK_C=4), num_warps=16)
+    build(token_pool._token_pool_tiled_kernel,
+          dict(x_ptr=bf16, q_ptr=bf16, k_ptr=bf16, out_ptr=bf16, index_ptr="i64", keys_ptr="i64"),
+          dict(SCORE=2, BLOCK_J=512, BLOCK_D=8, BLOCK_C=8), floats=("scale",), num_warps=16)
     build(dan_spatial_pool._dan_spatial_pool_kernel, dict(x_ptr=bf16, z_ptr=bf16, g_ptr=bf16, s_ptr="fp32"),
           dict(ACC=acc, M_PAD=4, P_PAD=64, BLOCK_C=16, BLOCK_C2=64))
     build(dan_spatial_pool._dan_backward_kernel,

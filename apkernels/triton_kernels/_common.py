@@ -36,6 +36,12 @@ def warps_for(n_pad: int) -> int:
     return min(16, max(4, n_pad // 256))
 
 
+def warps_for_tile(tile_elements: int) -> int:
+    """Warps for a program whose largest register tile has `tile_elements` elements: at most 8 per
+    thread (no spills with int64 addresses), between 4 and 16 warps."""
+    return min(16, max(4, tile_elements // (8 * 32)))
+
+
 def check_launch(op: str, **tensors) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors in the interpreter (TRITON_INTERPRET=1)."""
     for name, t in tensors.items():
@@ -89,6 +95,16 @@ def register(kernels: dict) -> None:
 
 
 @triton.jit
+def order_key(scores):
+    """int32 image of fp32 scores whose signed order is torch.sort's: NaN above +inf, -0.0 == 0.0
+    (every real score above -2^31)."""
+    s = tl.where(scores == 0, 0.0, scores)  # -0.0 -> +0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-int order == float order
+    return tl.where(s != s, 0x7FFFFFFF, key)  # every NaN (either sign) above +inf
+
+
+@triton.jit
 def select_topk(scores, pos, valid, K, N_PAD: tl.constexpr):
     """The `K` best of `scores` (fp32, [N_PAD], `valid` marks the real positions `pos`): returns
     (selected mask, output slot of each selected position in ascending position order).
@@ -98,11 +114,7 @@ def select_topk(scores, pos, valid, K, N_PAD: tl.constexpr):
     of its fp32 score << 32 | inverted position), all keys are distinct, so the K-th largest key is
     a threshold that selects exactly K positions.
     """
-    s = tl.where(scores == 0, 0.0, scores)  # -0.0 -> +0.0
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-int order == float order
-    key = tl.where(s != s, 0x7FFFFFFF, key)  # every NaN (either sign) above +inf
-    key = tl.where(valid, key, -2147483648)  # padding below -inf: never selected
+    key = tl.where(valid, order_key(scores), -2147483648)  # padding below -inf: never selected
     packed = (key.to(tl.int64) << 32) | (N_PAD - 1 - pos).to(tl.int64)
     # Ascending sort of the complement = descending order of the keys (tl.sort's default order
     # on every Triton version we support).
@@ -126,3 +138,68 @@ def round_to(v, dtype: tl.constexpr):
         return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+# --- top-k selection over a row too long for registers: keys in global memory, radix select ------
+
+
+@triton.jit
+def store_keys(keys_ptr, scores, pos, valid):
+    """keys_ptr[pos] = one distinct int64 key per position: order_key(score) << 32, then the lower
+    position first (the order of select_topk)."""
+    packed = (order_key(scores).to(tl.int64) << 32) | (0x7FFFFFFF - pos).to(tl.int64)
+    tl.store(keys_ptr + pos, packed, mask=valid)
+
+
+@triton.jit
+def radix_threshold(keys_ptr, N, K, BLOCK: tl.constexpr):
+    """(prefix, mask) such that the K largest of the N distinct int64 keys at keys_ptr (written by
+    store_keys, visible to the whole program) are exactly those with (key & mask) >= prefix.
+
+    Radix select, 8 bits per pass from the most significant byte: a histogram of the digit of the
+    keys that still match the prefix, the bin holding the K-th largest, and no further pass once
+    that bin's keys are all selected (typically after the 4 score bytes; keys are distinct, so at
+    the latest after 8). Each pass reads the N keys in BLOCK-sized tiles."""
+    bins = tl.arange(0, 512)  # 256 digits + one bin (256) for keys that do not match the prefix
+    digit_bin = bins < 256
+    offs = tl.arange(0, BLOCK)
+    zero = tl.program_id(0) * 0
+    prefix = zero.to(tl.int64)
+    mask = zero.to(tl.int64)
+    k_rem = zero + K  # keys among those matching `prefix` still to be selected
+    done = zero
+    for shift in tl.static_range(56, -1, -8):
+        if done == 0:
+            hist = tl.zeros([512], tl.int32)
+            for p0 in range(0, N, BLOCK):
+                p = p0 + offs
+                in_row = p < N
+                key = tl.load(keys_ptr + p, mask=in_row, other=0)
+                if shift == 56:  # the sign byte: signed order
+                    digit = ((key >> 56) + 128).to(tl.int32)
+                else:
+                    digit = ((key >> shift) & 255).to(tl.int32)
+                digit = tl.where(in_row & ((key & mask) == prefix), digit, 256)
+                hist += tl.histogram(digit, 512)
+            h = tl.where(digit_bin, hist, 0)
+            above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys in higher bins
+            hit = digit_bin & (above < k_rem) & (above + h >= k_rem)  # exactly one bin
+            d = tl.sum(tl.where(hit, bins, 0), 0)
+            count = tl.sum(tl.where(hit, h, 0), 0)
+            k_rem -= tl.sum(tl.where(hit, above, 0), 0)
+            if shift == 56:
+                prefix = prefix | ((d - 128).to(tl.int64) << 56)
+            else:
+                prefix = prefix | (d.to(tl.int64) << shift)
+            mask = ~(((zero + 1).to(tl.int64) << shift) - 1)
+            done = (count == k_rem).to(tl.int32)
+    return prefix, mask
+
+
+@triton.jit
+def tile_selection(keys_ptr, pos, valid, prefix, mask, written):
+    """(selected, slot) for a tile of positions `pos`: kept by radix_threshold's (prefix, mask);
+    slots in ascending position order, after the `written` positions kept in earlier tiles."""
+    key = tl.load(keys_ptr + pos, mask=valid, other=0)
+    selected = valid & ((key & mask) >= prefix)
+    return selected, written + tl.cumsum(selected.to(tl.int32), 0) - 1

@@ -249,6 +249,8 @@ APK_EMU_ATOMIC atomic_rmw_xor(T* a, T v) {
 
 #define __syncthreads() ::apk_emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::apk_emu::syncwarp_(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+// Blocks run one after another on a sequentially consistent memory: a fence orders nothing more.
+#define __threadfence() ((void)0)
 namespace apk_emu {
 inline void syncwarp_(const char* file, int line, unsigned mask = 0xFFFFFFFFu) {
   collective(Collective::SyncWarp, mask, nullptr, 0, 0, 32, nullptr, file, line);
