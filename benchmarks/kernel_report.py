@@ -311,6 +311,30 @@ def _batch_sum_workspace_bytes(op: str, pass_: str, dtype: str, batch: int, back
     return 2 * chunks * N * C * 4 + tiles * 4 + tiles * chunks * 8
 
 
+def _cluster_pos_reread_bytes(op: str, dtype: str, batch: int, backend: str = "cuda") -> int:
+    """Global bytes of the CUDA patch_pool cluster kernel's pos re-reads beyond the first: each
+    persistent cluster reads pos once, and the cluster count grows with B only up to a budget (host
+    code: plan_cluster in csrc/ops/cuda/patch_pool_kernel.cu, on 132 SMs: 16 clusters of 8 CTAs at
+    B = 256, 3 at B = 32, 1 at every batch up to 3, where the bytes are measured)."""
+    if op != "patch_pool" or backend != "cuda":
+        return 0
+    from benchmarks import specs as common
+
+    shapes = op_shapes(op, batch)
+    N, C, keep = shapes["N"], shapes["C"], common.APVIT_KEEP
+    element_bytes = {"fp32": 4, "bf16": 2}[dtype]
+    image_bytes = element_bytes * (C * N + keep * C) + 8 * keep
+    pos_bytes = element_bytes * N * C
+    clusters = min(batch, max(1, SMS // 8), 1 + int(batch * image_bytes * 0.04 / pos_bytes))
+    return (clusters - 1) * pos_bytes
+
+
+def _non_affine_bytes(op: str, pass_: str, dtype: str, batch: int, backend: str) -> int:
+    """The modelled bytes that are not fixed + per image x B (see measured_counters)."""
+    return (_batch_sum_workspace_bytes(op, pass_, dtype, batch, backend)
+            + _cluster_pos_reread_bytes(op, dtype, batch, backend))
+
+
 # ---------------------------------------------------------------------------------- measured op calls
 # Launches, global bytes and host aten ops are measured on the real kernel code, never estimated:
 # the CUDA kernels on the CUDA emulation build (`apkernels._emulation.counters()`: every global load
@@ -322,8 +346,9 @@ def _batch_sum_workspace_bytes(op: str, pass_: str, dtype: str, batch: int, back
 # channel_reduce and the DAN programs: per (image, head[, tile])), has a batch dimension
 # (scatter_rows), loops over the batch (the position gradient) or is a grid-stride loop over B x
 # per-image elements, so a call's bytes are fixed + per_image * B (fixed: the position gradient
-# written once), except pool_backward's batch-sum workspace, whose chunk count stops growing with B:
-# modelled by _batch_sum_workspace_bytes, taken out before the affine check and put back after it.
+# written once), except pool_backward's batch-sum workspace, whose chunk count stops growing with B,
+# and the CUDA patch_pool cluster kernel's pos reads (one per persistent cluster, the cluster count
+# budgeted by B): modelled by _non_affine_bytes, taken out before the affine check and put back.
 # The three batches are checked to be affine in B, launches and host ops equal.
 # Affine up to AFFINE_TOLERANCE (relative, per-image bytes): a few loads depend on the data (DAN's
 # grad_z reads t only where z > 0), so the per-image bytes of random inputs vary by a few bytes.
@@ -405,9 +430,10 @@ def measured_counters(measure, how: str, op: str, pass_: str, dtype: str, batch:
     measured = [measure(op, pass_, dtype, b) for b in MEASURED_BATCHES]
     if measured[0] is None:
         return None
-    # pool_backward's batch-sum workspace is modelled, not extrapolated: out before, back after.
+    # pool_backward's batch-sum workspace and patch_pool's per-cluster pos reads are modelled, not
+    # extrapolated: out before, back after.
     backend = "triton" if how == "interpreted" else "cuda"
-    measured = [dataclasses.replace(m, global_bytes=m.global_bytes - _batch_sum_workspace_bytes(op, pass_, dtype, b, backend))
+    measured = [dataclasses.replace(m, global_bytes=m.global_bytes - _non_affine_bytes(op, pass_, dtype, b, backend))
                 for b, m in zip(MEASURED_BATCHES, measured)]
     same = {(m.launches, m.backward_launches, m.host_aten_ops) for m in measured}
     steps = [(m1.global_bytes - m0.global_bytes) / (b1 - b0)
@@ -417,7 +443,7 @@ def measured_counters(measure, how: str, op: str, pass_: str, dtype: str, batch:
                            f"batch: cannot extrapolate to B={batch}")
     per_image = (measured[-1].global_bytes - measured[0].global_bytes) / (MEASURED_BATCHES[-1] - MEASURED_BATCHES[0])
     global_bytes = round(measured[0].global_bytes + (batch - MEASURED_BATCHES[0]) * per_image)
-    global_bytes += _batch_sum_workspace_bytes(op, pass_, dtype, batch, backend)
+    global_bytes += _non_affine_bytes(op, pass_, dtype, batch, backend)
     batches = ",".join(map(str, MEASURED_BATCHES))
     return _counters(measured[0], global_bytes, f"{how} at B={batches}, extrapolated (affine in B)")
 

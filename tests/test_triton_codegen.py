@@ -7,28 +7,33 @@ import torch
 
 from tests.utils import run_python_compiled
 
-TTIR_OF_BATCH_SUM = """
+TTIR_OF_POOL_BACKWARD = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apkernels.triton_kernels import pool_backward
-signature = {"rows_ptr": "*bf16", "sum_ptr": "*bf16", "B": "i32", "numel": "i32", "ACC": "constexpr",
-             "BLOCK": "constexpr"}
-source = ASTSource(fn=pool_backward._batch_sum_kernel, signature=signature,
-                   constexprs={"ACC": tl.float32, "BLOCK": 1024})
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ttir"])
+kernel = pool_backward._pool_backward_kernel
+pointers = {"grad_ptr": "*bf16", "index_ptr": "*i64", "inv_ptr": "*i32", "rows_ptr": "*bf16", "sum_ptr": "*bf16",
+            "partial_ptr": "*fp32", "counters_ptr": "*i32"}
+constexprs = {"REDUCE": True, "WORKSPACE": True, "ACC": tl.float32, "BLOCK_R": 1, "BLOCK_C": 64}
+signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in kernel.arg_names}
+source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ttir"])
 """
 
 
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs compile the kernels themselves")
-def test_batch_sum_has_no_32bit_multiply_in_its_addresses():
-    # B and numel both fit int32 (Triton specialises them as i32) while B * numel may not: the
-    # kernel must not form that product in 32 bits (it walks the rows by advancing its pointers).
-    ttir = run_python_compiled(["-c", TTIR_OF_BATCH_SUM])
-    products = re.findall(r"arith\.muli .*", ttir)
-    assert not [p for p in products if re.search(r"(: i32|xi32>)", p)], products
+def test_pool_backward_has_no_32bit_product_of_sizes_in_its_addresses():
+    # B, N, C, the strides and the chunk size all fit int32 (Triton specialises them as i32) while
+    # products such as b * N * C may not: the kernel must form them in 64 bits (it advances 64-bit
+    # pointers image by image). The only 32-bit products allowed are a program id's tile times a
+    # constexpr block size (a row or channel index, < N or C).
+    ttir = run_python_compiled(["-c", TTIR_OF_POOL_BACKWARD])
+    constants = dict(re.findall(r"(%[\w#]+) = arith\.constant (\d+) : i32", ttir))
+    products = re.findall(r"arith\.muli (%[\w#]+), (%[\w#]+)[^:]*: (i32|tensor<[^>]*xi32>)", ttir)
+    assert products, "no 32-bit multiply at all: the check below would not look at anything"
+    by_variable = [(lhs, rhs) for lhs, rhs, _ in products if lhs not in constants and rhs not in constants]
+    assert not by_variable, by_variable
 
 
 def test_launchers_run_on_their_tensors_device(monkeypatch):

@@ -79,6 +79,7 @@ def _pool_backward_kernel(
     r_ok = r < N
     mask = r_ok[:, None] & (c < C)[None, :]
     offsets = r[:, None] * C + c[None, :]  # in one image of rows / in sum (contiguous [N, C])
+    image_elems = tl.cast(N, tl.int64) * C  # one image of rows: a 64-bit step (N * C may pass 2^31)
     b0 = chunk_id.to(tl.int64) * chunk
     images = tl.minimum(B - b0, chunk)
     # Per-image pointers advance by one image per step: 64-bit pointer arithmetic, no b * (N * C).
@@ -107,7 +108,7 @@ def _pool_backward_kernel(
         grad_b += sg_b
         index_b += si_b
         inv_b += N
-        rows_b += N * C
+        rows_b += image_elems
     if REDUCE:
         if WORKSPACE:
             tl.store(partial_ptr + chunk_id.to(tl.int64) * N * C + offsets, total, mask=mask)
@@ -117,7 +118,7 @@ def _pool_backward_kernel(
                 at = partial_ptr + offsets
                 for _k in range(0, chunks):
                     s += tl.load(at, mask=mask, other=0.0, volatile=True)
-                    at += N * C
+                    at += image_elems
                 tl.store(sum_ptr + offsets, _common.round_to(s, sum_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(sum_ptr + offsets, _common.round_to(total, sum_ptr.dtype.element_ty), mask=mask)
