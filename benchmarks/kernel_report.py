@@ -222,7 +222,7 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         image_bytes = elem * (C * N + keep * C) + 8 * keep
         clusters = min(B, SMS // blocks, 1 + int(B * image_bytes * 0.04 / (elem * N * C)))
         plans.append(Launch(rf"patch_pool_cluster_kernel<{t}, \(apkernels::ScoreKind\)0>", (clusters * blocks,), 512,
-                            smem))
+                            smem, persistent=True))
         if pass_ == "fwd+bwd":
             plans += _pool_backward_plan(dtype, B, common.APVIT_KEEP, N, C, reduce_batch=True)
     elif op == "token_pool":
@@ -231,7 +231,7 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         # rounded) before the keys in dynamic shared memory. (Older sources: grid B, keys only.)
         q_row = -(-shapes["heads"] * shapes["head_dim"] * 4 // 16) * 16
         plans.append(Launch(rf"token_pool_kernel<{t}, {t}(, \(apkernels::ScoreKind\)1(, true)?)?>", (min(B, 2 * SMS),),
-                            512, q_row + 8 * (N - 1)))
+                            512, q_row + 8 * (N - 1), persistent=True))
         if pass_ == "fwd+bwd":
             plans += _pool_backward_plan(dtype, B, common.APVIT_TOKEN_KEEP + 1, N, C, reduce_batch=False)
     elif op == "dan_spatial_pool":
@@ -242,17 +242,18 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         images = (min(B, SMS * 4),)
         R = max(1, 512 // P)
         partial = R * P if R > 1 else 0
-        plans.append(Launch(rf"spatial_pool_kernel<{t}, float>", images, 512, (M * P + partial) * 4))
+        plans.append(Launch(rf"spatial_pool_kernel<{t}, float>", images, 512, (M * P + partial) * 4, persistent=True))
         if pass_ == "fwd+bwd":
             plans.append(Launch(rf"spatial_pool_backward_kernel<{t}, float>", images, 512,
-                                (2 * M * P + M * C + min(M, 4) * partial) * 4))
+                                (2 * M * P + M * C + min(M, 4) * partial) * 4, persistent=True))
     elif op == "dan_head_fusion":
         C = shapes["C"]
         # Grid-stride over B x C, 128-thread CTAs capped at the resident capacity (16 per SM).
         blocks = (max(1, min(math.ceil(B * C / 128), SMS * 16)),)
-        plans.append(Launch(rf"head_fusion_registers_kernel<{t}, float, unsigned int>", blocks, 128))
+        plans.append(Launch(rf"head_fusion_registers_kernel<{t}, float, unsigned int>", blocks, 128, persistent=True))
         if pass_ == "fwd+bwd":
-            plans.append(Launch(rf"head_fusion_backward_registers_kernel<{t}, float, unsigned int>", blocks, 128))
+            plans.append(Launch(rf"head_fusion_backward_registers_kernel<{t}, float, unsigned int>", blocks, 128,
+                                persistent=True))
     return plans
 
 

@@ -162,15 +162,15 @@ def test_measured_counters_extrapolate_affine_batches_only():
     def measure(bytes_at):
         return lambda op, pass_, dtype, batch: report.Measured(2, 1, bytes_at(batch), ("zeros",))
 
-    exact = report.measured_counters(measure(lambda b: 100 + 10 * b), "probed", "patch_pool", "fwd", "fp32", 2)
+    exact = report.measured_counters(measure(lambda b: 100 + 10 * b), "probed", "dan_head_fusion", "fwd", "fp32", 2)
     assert exact == {"launches": 2, "backward_launches": 1, "global_bytes": 120, "global_bytes_source": "probed at B=2",
                      "host_aten_ops": ["zeros"]}
-    far = report.measured_counters(measure(lambda b: 100 + 10 * b), "probed", "patch_pool", "fwd", "fp32", 256)
+    far = report.measured_counters(measure(lambda b: 100 + 10 * b), "probed", "dan_head_fusion", "fwd", "fp32", 256)
     assert far["global_bytes"] == 100 + 10 * 256
     assert far["global_bytes_source"] == "probed at B=1,2,3, extrapolated (affine in B)"
     with pytest.raises(RuntimeError, match="not affine"):
-        report.measured_counters(measure(lambda b: 100 * b * b), "probed", "patch_pool", "fwd", "fp32", 256)
-    assert report.measured_counters(lambda *a: None, "probed", "patch_pool", "fwd", "fp32", 256) is None
+        report.measured_counters(measure(lambda b: 100 * b * b), "probed", "dan_head_fusion", "fwd", "fp32", 256)
+    assert report.measured_counters(lambda *a: None, "probed", "dan_head_fusion", "fwd", "fp32", 256) is None
 
 
 def _row(**changes):
@@ -276,3 +276,14 @@ def test_interpreted_extrapolation_matches_a_measured_batch(op):
     assert measured["global_bytes"] == exact.global_bytes
     assert measured["host_aten_ops"] == list(exact.host_aten_ops) == list(
         report.interpreted_counters(op, "fwd+bwd", "bf16", 1)["host_aten_ops"])
+
+
+def test_cluster_pos_rereads_follow_the_host_plan():
+    # plan_cluster (csrc/ops/cuda/patch_pool_kernel.cu) on 132 SMs: one cluster (one pos read) at
+    # every measured batch, 3 clusters at B = 32 and 16 at B = 256, each reading pos [196, 768] once.
+    pos_fp32 = 196 * 768 * 4
+    assert [report._cluster_pos_reread_bytes("patch_pool", "fp32", b) for b in (1, 2, 3)] == [0, 0, 0]
+    assert report._cluster_pos_reread_bytes("patch_pool", "fp32", 32) == 2 * pos_fp32
+    assert report._cluster_pos_reread_bytes("patch_pool", "bf16", 256) == 15 * pos_fp32 // 2
+    assert report._cluster_pos_reread_bytes("patch_pool", "fp32", 256, backend="triton") == 0
+    assert report._cluster_pos_reread_bytes("token_pool", "fp32", 256) == 0
