@@ -145,6 +145,24 @@ def test_dan_spatial_pool_launches_and_fallback():
             torch.testing.assert_close(got, expect)
 
 
+def test_dan_spatial_pool_maps_larger_than_half_a_block():
+    """Maps of more than 256 positions: one thread per position and no partial-sum rows (R = 1 in
+    spatial_pool_kernel and its backward), still one launch each way and equal to the reference."""
+    gen = torch.Generator().manual_seed(9)
+    x, z = torch.randn(2, 3, 17, 17, generator=gen), torch.randn(2, 2, 4, 17, 17, generator=gen)
+    gg = torch.randn(2, 2, 3, generator=gen)
+    want_g, want_s = reference.dan_spatial_pool(x, z)
+    out = {}
+    assert launched(lambda: out.update(fwd=ops.dan_spatial_pool_cuda_emulated(x, z))) == ["spatial_pool_kernel"]
+    g, s = out["fwd"]
+    torch.testing.assert_close(g, want_g)
+    torch.testing.assert_close(s, want_s)
+    assert launched(lambda: out.update(bwd=ops.dan_spatial_pool_backward_cuda_emulated(gg, x, z, s))) == [
+        "spatial_pool_backward_kernel"]
+    for got, expect in zip(out["bwd"], reference.dan_spatial_pool_backward(gg, x, z, want_s)):
+        torch.testing.assert_close(got, expect)
+
+
 def test_dan_head_fusion_single_pass_and_fallback_for_many_heads():
     """Up to 8 heads: one pass, each input byte read once (forward and backward); 9 heads: the
     two-pass kernels. Both match the reference."""
