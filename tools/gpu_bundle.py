@@ -27,8 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, ".gpu-bundle")
 ARCH = "9.0"  # the H200 / H100 of the GPU machines
 MAX_BUNDLE_BYTES = 40 * 2**20
-# What `import apkernels` must find compiled in the bundle (the CUDA kernels that exist today).
-REQUIRED_CUDA_OPS = ("patch_pool", "token_pool", "pool_backward")
 DOES_NOT_FIT = 3
 
 
@@ -92,11 +90,13 @@ def _now() -> str:
 
 
 def check_import(root: str, python: str = sys.executable) -> str | None:
-    """None when `import apkernels` in `root` loads _C with the required CUDA kernels, else why not."""
+    """None when `import apkernels` in `root` loads _C with a CUDA kernel for every op, else why not."""
     code = (
         "import json, apkernels\n"
         "from apkernels import _extension as e\n"
-        "print(json.dumps({'error': None if e._C is not None else str(e.LOAD_ERROR), 'cuda': sorted(e.NATIVE['CUDA'])}))\n"
+        "from apkernels._library import OP_TABLE\n"
+        "print(json.dumps({'error': None if e._C is not None else str(e.LOAD_ERROR), 'cuda': sorted(e.NATIVE['CUDA']),\n"
+        "                  'ops': [op.name for op in OP_TABLE]}))\n"
     )
     env = dict(os.environ, APKERNELS_QUIET="1", PYTHONPATH=root)
     try:
@@ -108,7 +108,7 @@ def check_import(root: str, python: str = sys.executable) -> str | None:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     if info["error"]:
         return f"apkernels._C did not load: {info['error']}"
-    missing = [op for op in REQUIRED_CUDA_OPS if op not in info["cuda"]]
+    missing = [op for op in info["ops"] if op not in info["cuda"]]  # every op of the registry has a CUDA kernel
     if missing:
         return f"apkernels._C has no CUDA kernel for {', '.join(missing)}"
     return None
@@ -188,7 +188,7 @@ def build(args) -> int:
     with open(os.path.join(BUNDLE, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=1)
     print(f"gpu bundle: {os.path.relpath(so_path, ROOT)} {size / 2**20:.1f} MiB, torch {torch.__version__}, "
-          f"sm_{ARCH.replace('.', '')}, sources {want}; loads here (CUDA kernels: {', '.join(REQUIRED_CUDA_OPS)})")
+          f"sm_{ARCH.replace('.', '')}, sources {want}; loads here (a CUDA kernel for every op)")
     return 0
 
 
