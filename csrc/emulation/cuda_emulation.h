@@ -182,62 +182,14 @@ unsigned match_any(unsigned mask, T v, const char* file, int line) {
 // Atomics: fibers of a block run on one OS thread and switch only at barriers and collectives, so
 // a read-modify-write cannot interleave; the runtime records the access as atomic (no race with
 // other atomics). Not instrumented (that would report the access as a plain one).
-#define APK_EMU_ATOMIC template <typename T> __attribute__((no_sanitize("thread"))) inline T
-APK_EMU_ATOMIC atomic_rmw_add(T* a, T v) {
+// `update` maps the old value to the new one; only this function touches *a.
+template <typename T, typename Update>
+__attribute__((no_sanitize("thread"))) inline T atomic_rmw(T* a, Update update) {
   note_atomic(a, sizeof(T));
   const T old = *a;
-  *a = static_cast<T>(old + v);
+  *a = static_cast<T>(update(old));
   return old;
 }
-APK_EMU_ATOMIC atomic_rmw_sub(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = static_cast<T>(old - v);
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_max(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = old < v ? v : old;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_min(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = v < old ? v : old;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_exch(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = v;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_cas(T* a, T compare, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  if (old == compare) *a = v;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_and(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = old & v;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_or(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = old | v;
-  return old;
-}
-APK_EMU_ATOMIC atomic_rmw_xor(T* a, T v) {
-  note_atomic(a, sizeof(T));
-  const T old = *a;
-  *a = old ^ v;
-  return old;
-}
-#undef APK_EMU_ATOMIC
 
 }  // namespace apk_emu
 
@@ -340,41 +292,25 @@ APK_EMU_MINMAX(double)
 
 // Atomics (shared and global memory).
 template <typename T>
-inline T atomicAdd(T* a, T v) {
-  return apk_emu::atomic_rmw_add(a, v);
-}
+inline T atomicAdd(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old + v; }); }
 template <typename T>
-inline T atomicSub(T* a, T v) {
-  return apk_emu::atomic_rmw_sub(a, v);
-}
+inline T atomicSub(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old - v; }); }
 template <typename T>
-inline T atomicMax(T* a, T v) {
-  return apk_emu::atomic_rmw_max(a, v);
-}
+inline T atomicMax(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old < v ? v : old; }); }
 template <typename T>
-inline T atomicMin(T* a, T v) {
-  return apk_emu::atomic_rmw_min(a, v);
-}
+inline T atomicMin(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return v < old ? v : old; }); }
 template <typename T>
-inline T atomicExch(T* a, T v) {
-  return apk_emu::atomic_rmw_exch(a, v);
-}
+inline T atomicExch(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T) { return v; }); }
 template <typename T>
 inline T atomicCAS(T* a, T compare, T v) {
-  return apk_emu::atomic_rmw_cas(a, compare, v);
+  return apk_emu::atomic_rmw(a, [compare, v](T old) { return old == compare ? v : old; });
 }
 template <typename T>
-inline T atomicAnd(T* a, T v) {
-  return apk_emu::atomic_rmw_and(a, v);
-}
+inline T atomicAnd(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old & v; }); }
 template <typename T>
-inline T atomicOr(T* a, T v) {
-  return apk_emu::atomic_rmw_or(a, v);
-}
+inline T atomicOr(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old | v; }); }
 template <typename T>
-inline T atomicXor(T* a, T v) {
-  return apk_emu::atomic_rmw_xor(a, v);
-}
+inline T atomicXor(T* a, T v) { return apk_emu::atomic_rmw(a, [v](T old) { return old ^ v; }); }
 
 // Vector types.
 #define APK_EMU_VEC(name, T, n, align) struct __attribute__((aligned(align))) name##n
