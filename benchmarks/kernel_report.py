@@ -219,8 +219,7 @@ def cuda_plan(op: str, pass_: str, dtype: str, shapes: dict) -> list:
         round16 = lambda v: (v + 15) // 16 * 16  # noqa: E731
         x_off = round16(round16(round16(8 * N) + 8 * keep) + 8 * N)
         smem = round16(round16(x_off + elem * slice_ * (N | 1)) + elem * N * slice_)
-        image_bytes = elem * (C * N + keep * C) + 8 * keep
-        clusters = min(B, SMS // blocks, 1 + int(B * image_bytes * 0.04 / (elem * N * C)))
+        clusters = _patch_pool_clusters(dtype, B, N, C, keep)
         plans.append(Launch(rf"patch_pool_cluster_kernel<{t}, \(apkernels::ScoreKind\)0>", (clusters * blocks,), 512,
                             smem, persistent=True))
         if pass_ == "fwd+bwd":
@@ -312,6 +311,15 @@ def _batch_sum_workspace_bytes(op: str, pass_: str, dtype: str, batch: int, back
     return 2 * chunks * N * C * 4 + tiles * 4 + tiles * chunks * 8
 
 
+def _patch_pool_clusters(dtype: str, B: int, N: int, C: int, keep: int) -> int:
+    """Clusters of 8 CTAs in patch_pool_cluster_kernel's persistent grid on 132 SMs, as plan_cluster
+    (csrc/ops/cuda/patch_pool_kernel.cu) decides: no more than images, than SMs / 8, and than keeps
+    the pos re-reads (one per cluster) within 4 % of the images' bytes."""
+    element_bytes = {"fp32": 4, "bf16": 2}[dtype]
+    image_bytes = element_bytes * (C * N + keep * C) + 8 * keep
+    return min(B, max(1, SMS // 8), 1 + int(B * image_bytes * 0.04 / (element_bytes * N * C)))
+
+
 def _cluster_pos_reread_bytes(op: str, dtype: str, batch: int, backend: str = "cuda") -> int:
     """Global bytes of the CUDA patch_pool cluster kernel's pos re-reads beyond the first: each
     persistent cluster reads pos once, and the cluster count grows with B only up to a budget (host
@@ -322,12 +330,9 @@ def _cluster_pos_reread_bytes(op: str, dtype: str, batch: int, backend: str = "c
     from benchmarks import specs as common
 
     shapes = op_shapes(op, batch)
-    N, C, keep = shapes["N"], shapes["C"], common.APVIT_KEEP
-    element_bytes = {"fp32": 4, "bf16": 2}[dtype]
-    image_bytes = element_bytes * (C * N + keep * C) + 8 * keep
-    pos_bytes = element_bytes * N * C
-    clusters = min(batch, max(1, SMS // 8), 1 + int(batch * image_bytes * 0.04 / pos_bytes))
-    return (clusters - 1) * pos_bytes
+    N, C = shapes["N"], shapes["C"]
+    pos_bytes = {"fp32": 4, "bf16": 2}[dtype] * N * C
+    return (_patch_pool_clusters(dtype, batch, N, C, common.APVIT_KEEP) - 1) * pos_bytes
 
 
 def _non_affine_bytes(op: str, pass_: str, dtype: str, batch: int, backend: str) -> int:
